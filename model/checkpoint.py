@@ -1,0 +1,142 @@
+"""Checkpoints with orbax: weights + JSON metadata that makes each checkpoint self-describing.
+
+A checkpoint directory is an orbax CheckpointManager directory (one numbered step inside) with items
+  model     : Param and BatchStat arrays (nnx.state), restored into a model rebuilt from metadata
+  metadata  : JSON: format, arch + its config, classes, task, image size, resize, normalisation,
+              temperature, training data summary, split file, validation metrics, versions
+  optimizer : (training runs only) optimiser state, for --resume
+  progress  : (training runs only) epoch, history, best score, for --resume
+A training workdir holds `latest/` (for --resume) and `best/` (by validation balanced accuracy);
+`best/` is what the predictor, `evaluate` and the app load.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .errors import UserError
+from .networks import build
+
+FORMAT = "lesionlens-checkpoint/1"
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def _manager(directory) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(directory, step: int, model, metadata: dict, *, optimizer=None, progress: dict | None = None):
+    """Write one step atomically (orbax writes to a temporary folder, then renames) and drop older ones."""
+    items = {"model": ocp.args.StandardSave(nnx.state(model, WEIGHTS)),
+             "metadata": ocp.args.JsonSave({"format": FORMAT, **metadata})}
+    if optimizer is not None:
+        items["optimizer"] = ocp.args.StandardSave(nnx.state(optimizer))
+    if progress is not None:
+        items["progress"] = ocp.args.JsonSave(progress)
+    with _manager(directory) as manager:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        manager.wait_until_finished()
+
+
+def resolve(path) -> Path:
+    """Accept a training workdir (use its best/), or a checkpoint directory itself."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint folder not found. Train one with `python train.py`, "
+                        f"or pass --checkpoint checkpoints/default (the bundled model).")
+    if (path / "best").is_dir():
+        path = path / "best"
+    return path
+
+
+def latest_step(directory) -> int | None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def _step_dir(path) -> tuple[Path, int]:
+    path = resolve(path)
+    step = latest_step(path)
+    if step is None or not (path / str(step) / "metadata").is_dir():
+        raise UserError(f"{path}: not a lesionlens checkpoint (expected a numbered step folder with "
+                        f"'model' and 'metadata' inside). It may be partial: re-run training with --resume, "
+                        f"or point --checkpoint at a complete checkpoint.")
+    return path, step
+
+
+def read_metadata(path) -> dict:
+    """The checkpoint's JSON metadata, without touching the weights."""
+    directory, step = _step_dir(path)
+    try:
+        metadata = json.loads((directory / str(step) / "metadata" / "metadata").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{directory}: checkpoint metadata is unreadable ({e}); the checkpoint is damaged.")
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{directory}: unknown checkpoint format {metadata.get('format')!r} (expected {FORMAT}).")
+    return metadata
+
+
+def build_from_metadata(metadata: dict):
+    return build(metadata["arch"], len(metadata["classes"]), **metadata.get("arch_config", {}))
+
+
+def load_model(path):
+    """Rebuild the network from metadata alone and restore its weights: (model in eval mode, metadata)."""
+    metadata = read_metadata(path)
+    directory, step = _step_dir(path)
+    model = build_from_metadata(metadata)
+    target = nnx.state(model, WEIGHTS)
+    try:
+        with _manager(directory) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(f"{directory}: weights do not match architecture {metadata['arch']!r} from its "
+                        f"metadata, or are incomplete ({type(e).__name__}: {str(e)[:200]}).")
+    nnx.update(model, restored["model"])
+    model.eval()
+    metadata["checkpoint_id"] = checkpoint_id(directory, step, restored["model"])
+    metadata["checkpoint_path"] = str(directory)
+    return model, metadata
+
+
+def restore_training(directory, model, optimizer) -> dict | None:
+    """Resume: load weights and optimiser state in place; return the saved progress, or None if no checkpoint."""
+    step = latest_step(directory)
+    if step is None:
+        return None
+    args = ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model, WEIGHTS)),
+                              optimizer=ocp.args.StandardRestore(nnx.state(optimizer)),
+                              progress=ocp.args.JsonRestore())
+    with _manager(directory) as manager:
+        restored = manager.restore(step, args=args)
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    return restored["progress"]
+
+
+def checkpoint_id(directory: Path, step: int, weights) -> str:
+    """Stable identity for history records: folder name, step and a short hash of the weights."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(weights):
+        digest.update(np.asarray(leaf).tobytes())
+    name = directory.parent.name if directory.name == "best" else directory.name
+    return f"{name}@{step}:{digest.hexdigest()[:10]}"
+
+
+def update_metadata(path, metadata: dict):
+    """Rewrite a checkpoint's metadata in place (after calibration); atomic by rename."""
+    directory, step = _step_dir(path)
+    target = directory / str(step) / "metadata" / "metadata"
+    keep = {k: v for k, v in metadata.items() if k not in ("checkpoint_id", "checkpoint_path")}
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**keep, "format": FORMAT}))
+    os.replace(tmp, target)

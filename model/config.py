@@ -1,0 +1,98 @@
+"""One config drives a training run; named recipes are committed so every result can be reproduced.
+
+`python train.py --recipe NAME --epochs 3 ...`: any field below can be overridden by a flag of
+the same name (see `python train.py --help`).
+"""
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+SHARED_DATA = "../shared/data"
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data: str = f"{SHARED_DATA}/ham10000"  # ISIC metadata dir/CSV, class folders, or a path,dx CSV
+    task: str = "ham7"                     # "ham7" (7 HAM classes) or "binary" (malignant vs benign)
+    extra_train: list = field(default_factory=list)  # more labelled sets for training only, "CSV[:split,split]"
+    external_eval: list = field(default_factory=list)  # never used for selection: reported at the end
+    val_frac: float = 0.15                 # fraction of lesions held out, stratified by class
+    split_seed: int = 0
+    split_file: str = ""                   # reuse an existing split CSV instead of making one
+    image_size: int = 160
+    resize: str = "squash"                 # "squash" the full frame (as ISIC 2017 did) or "center" crop
+    color_constancy: bool = False
+    # --- model ---
+    arch: str = "efficientnet_lite0"
+    pretrained: bool = True                # ImageNet initialisation where the arch has it
+    dropout: float = 0.2
+    # --- optimisation ---
+    epochs: int = 8
+    batch_size: int = 48
+    lr: float = 1e-3                       # peak learning rate of the warmup + cosine schedule
+    warmup_epochs: float = 0.5
+    weight_decay: float = 1e-4
+    body_lr_mult: float = 1.0              # < 1 slows the pretrained body relative to the new head
+    label_smoothing: float = 0.1
+    class_weighting: str = "sqrt"          # "none", "sqrt" (inverse sqrt frequency) or "inverse"
+    sampling: str = "uniform"              # "uniform" or "balanced" (each class equally often)
+    mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 turns it off
+    crop_scale_min: float = 0.5
+    color_jitter: float = 0.2
+    dtype: str = "float32"                 # "bfloat16" for accelerators: compute in bf16, params in f32
+    tta: bool = True                       # 8-view dihedral test-time augmentation at evaluation
+    seed: int = 0
+    # --- run ---
+    workdir: str = "runs/default"
+    resume: bool = False
+    max_steps_per_epoch: int = 0           # > 0 shortens epochs (smoke tests, debugging)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+RECIPES = {
+    # The peer's settings (../shared/bench/peer_torch.py train defaults) on our pipeline.
+    "peer_match": dict(image_size=160, epochs=8, batch_size=48, lr=1e-3, resize="center",
+                       crop_scale_min=1.0, color_jitter=0.0, class_weighting="sqrt", tta=True),
+    # The bundled default: see README "Results" for what each lever bought on validation.
+    "default": dict(image_size=160, epochs=8, batch_size=48, lr=1e-3, resize="squash",
+                    color_constancy=True, crop_scale_min=0.5, color_jitter=0.2, tta=True),
+    # A few steps on tiny images: the same code path as a real run, for tests and debugging.
+    "smoke": dict(arch="simple_cnn", pretrained=False, image_size=32, epochs=2, batch_size=8,
+                  max_steps_per_epoch=3, tta=False, warmup_epochs=0.0),
+}
+
+
+def make_config(recipe: str = "default", **overrides) -> TrainConfig:
+    if recipe not in RECIPES:
+        from .errors import UserError
+        raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[recipe], **overrides})
+
+
+def add_arguments(parser):
+    """One flag per TrainConfig field (`--epochs 3`, `--no-tta`), defaults taken from the recipe."""
+    parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                        help="named recipe the flags override (default: %(default)s)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = f"--{f.name}"
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type is list or f.type == "list":
+            parser.add_argument(flag, action="append", default=None, metavar="SPEC")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=None)
+    return parser
+
+
+def from_arguments(args) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return make_config(args.recipe, **overrides)

@@ -1,0 +1,138 @@
+"""Predictor: load a checkpoint once, then predict, calibrate and explain batches of images.
+
+    p = Predictor.load("checkpoints/default")
+    probs = p.predict(["lesion.jpg"])           # calibrated probabilities, (B, K)
+    heat = p.explain("lesion.jpg", "gradcam")   # (S, S) map in [0, 1]
+
+The app, `evaluate`, `predict` and the training loop's validation all go through this one class.
+"""
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import checkpoint
+from .classes import full_name, malignant_indices
+from .images import load_image, to_square
+from .preprocess import Normalisation, preprocess
+
+EVAL_BATCH = 64
+
+
+def dihedral_views(x):
+    """The 8 flips/rotations of square images (B, S, S, C): test-time augmentation views."""
+    views = []
+    for k in range(4):
+        r = jnp.rot90(x, k, axes=(1, 2))
+        views += [r, r[:, :, ::-1]]
+    return views
+
+
+@partial(nnx.jit, static_argnames=("norm", "tta"))
+def forward(model, images_u8, norm: Normalisation, tta: bool):
+    """(logits, pooled features) for a uint8 batch; with tta, averaged over the 8 dihedral views."""
+    x = preprocess(images_u8, norm)
+    views = dihedral_views(x) if tta else [x]
+    logits, pooled = [], []
+    for view in views:
+        feats = model.features(view)
+        logits.append(model.head(feats))
+        pooled.append(feats.mean(axis=(1, 2)).astype(jnp.float32))
+    return jnp.mean(jnp.stack(logits), 0), jnp.mean(jnp.stack(pooled), 0)
+
+
+class Predictor:
+    def __init__(self, model, metadata: dict):
+        self.model = model
+        self.metadata = metadata
+        self.classes = list(metadata["classes"])
+        self.class_names = [full_name(c) for c in self.classes]
+        self.image_size = int(metadata["image_size"])
+        self.resize = metadata.get("resize", "squash")
+        self.norm = Normalisation.from_dict(metadata["normalisation"])
+        self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
+
+    @classmethod
+    def load(cls, path) -> "Predictor":
+        model, metadata = checkpoint.load_model(path)
+        return cls(model, metadata)
+
+    # --- inputs ---
+    def prepare(self, images) -> np.ndarray:
+        """PIL images, arrays (H, W, 3) or paths -> uint8 (B, S, S, 3) in the checkpoint's view."""
+        out = np.empty((len(images), self.image_size, self.image_size, 3), np.uint8)
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray) and image.shape == out.shape[1:] and image.dtype == np.uint8:
+                out[i] = image
+            else:
+                out[i] = to_square(load_image(image), self.image_size, self.resize)
+        return out
+
+    # --- predictions ---
+    def forward_arrays(self, images_u8: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (uncalibrated) logits and pooled features for prepared uint8 images, in batches."""
+        tta = self.metadata.get("tta", False) if tta is None else tta
+        self.model.eval()
+        logits, pooled = [], []
+        for start in range(0, len(images_u8), EVAL_BATCH):
+            chunk = np.asarray(images_u8[start:start + EVAL_BATCH])
+            pad = EVAL_BATCH - len(chunk) if len(images_u8) > EVAL_BATCH else 0  # one compiled shape
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)]) if pad else chunk
+            lg, pl = forward(self.model, chunk, self.norm, tta)
+            logits.append(np.asarray(lg)[:len(chunk) - pad])
+            pooled.append(np.asarray(pl)[:len(chunk) - pad])
+        return np.concatenate(logits), np.concatenate(pooled)
+
+    def logits_from_arrays(self, images_u8, tta=None) -> np.ndarray:
+        return self.forward_arrays(images_u8, tta)[0]
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax with the temperature fitted on validation (1.0 until calibrated)."""
+        z = logits / float(self.metadata.get("temperature", 1.0))
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, images, tta=None) -> np.ndarray:
+        return self.probabilities(self.logits_from_arrays(self.prepare(images), tta))
+
+    def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
+        return probs[:, malignant_indices(self.classes)].sum(axis=1)
+
+    # --- "does this look like what the model was trained on?" ---
+    def ood_score(self, pooled: np.ndarray) -> np.ndarray:
+        """Distance of pooled features to the nearest class mean, in units of the training spread.
+
+        Calibrated on validation lesions (see model/calibration.py); higher is more unusual.
+        """
+        ood = self.metadata.get("ood")
+        if not ood:
+            return np.zeros(len(pooled))
+        means, var = np.asarray(ood["class_means"]), np.asarray(ood["variance"])
+        d = ((pooled[:, None, :] - means[None]) ** 2 / var).mean(axis=2)
+        return d.min(axis=1)
+
+    def ood_threshold(self) -> float:
+        return float(self.metadata.get("ood", {}).get("threshold", np.inf))
+
+    def analyse(self, images) -> dict:
+        """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
+        logits, pooled = self.forward_arrays(self.prepare(images))
+        probs = self.probabilities(logits)
+        ood = self.ood_score(pooled)
+        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(axis=1) / np.log(len(self.classes))
+        return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
+                "unusual": ood > self.ood_threshold(), "entropy": entropy}
+
+    # --- explanations ---
+    def explain(self, image, method: str = "gradcam", class_index: int | None = None, **kwargs) -> np.ndarray:
+        """Saliency map (S, S) in [0, 1] for one image, for `class_index` (default: the top class)."""
+        from .saliency import explain  # noqa: PLC0415 (keeps start-up light for batch prediction)
+        images = self.prepare([image])
+        if class_index is None:
+            class_index = int(self.predict(images).argmax())
+        self.model.eval()
+        x = preprocess(jnp.asarray(images), self.norm)
+        return np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method, **kwargs))[0]

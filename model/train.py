@@ -1,0 +1,255 @@
+"""The one train loop: `train_and_evaluate(config)`; `python train.py` is its command-line face.
+
+Sections follow big_vision: input pipeline / model and optimiser / update step / checkpoint /
+evals / loop. Training interrupted at any point loses at most the current epoch (`--resume`).
+"""
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint, metrics, report
+from .augment import AugmentConfig
+from .classes import HAM_CLASSES
+from .config import TrainConfig
+from .data import Record, load_dataset, select_task
+from .errors import UserError
+from .images import build_cache
+from .networks import build
+from .predictor import Predictor
+from .preprocess import Normalisation
+from .splits import make_split, read_split, write_split
+from .train_step import class_weights, data_mesh, make_optimizer, make_train_step, replicate, shard_batch
+
+CACHE_DIR = Path(os.environ.get("LESIONLENS_CACHE", "~/.cache/lesionlens")).expanduser() / "images"
+
+
+# ----------------------------------------------------------------------------------------------
+# Input pipeline
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Split:
+    images: np.ndarray          # uint8 (N, S, S, 3), usually a read-only memmap
+    labels: np.ndarray          # int32 (N,)
+    records: list
+
+
+def parse_source(spec: str) -> tuple[str, list]:
+    """'labels.csv:train,val' -> ('labels.csv', ['train', 'val']); a bare path means every row."""
+    path, _, splits = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+    return path, [s for s in splits.split(",") if s]
+
+
+def load_labelled(spec: str, task: str) -> tuple[list, np.ndarray, tuple]:
+    path, splits = parse_source(spec)
+    records, labels = [], []
+    classes = None
+    for split in splits or [None]:
+        recs, labs, classes = select_task(load_dataset(path, split=split), task)
+        records += list(recs)
+        labels += list(labs)
+    return records, np.asarray(labels, np.int32), classes
+
+
+def cache_split(records, labels, cfg: TrainConfig) -> Split:
+    images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, CACHE_DIR)
+    return Split(images, np.asarray(labels, np.int32), list(records))
+
+
+def prepare_data(cfg: TrainConfig, workdir: Path):
+    records, labels, classes = load_labelled(cfg.data, cfg.task)
+    split_path = workdir / "split.csv"
+    if cfg.split_file:
+        assignment = read_split(cfg.split_file, records)
+    elif split_path.exists():  # resuming: reuse the run's own split
+        assignment = read_split(split_path, records)
+    else:
+        assignment = make_split(records, labels, val_frac=cfg.val_frac, seed=cfg.split_seed)
+    write_split(split_path, records, assignment)
+    assignment = np.asarray(assignment)
+    pick = lambda name: [i for i in range(len(records)) if assignment[i] == name]
+    train_idx, val_idx = pick("train"), pick("val")
+    train_records = [records[i] for i in train_idx]
+    train_labels = labels[train_idx]
+    for spec in cfg.extra_train:
+        extra_records, extra_labels, extra_classes = load_labelled(spec, cfg.task)
+        remap = np.array([classes.index(c) for c in extra_classes])
+        train_records += list(extra_records)
+        train_labels = np.concatenate([train_labels, remap[extra_labels]])
+    train = cache_split(train_records, train_labels, cfg)
+    val = cache_split([records[i] for i in val_idx], labels[val_idx], cfg)
+    summary = {"source": cfg.data, "extra_train": cfg.extra_train, "task": cfg.task,
+               "train_images": len(train.labels), "val_images": len(val.labels),
+               "train_class_counts": {c: int((train.labels == i).sum()) for i, c in enumerate(classes)},
+               "val_class_counts": {c: int((val.labels == i).sum()) for i, c in enumerate(classes)},
+               "split_file": str(split_path), "val_frac": cfg.val_frac, "split_seed": cfg.split_seed}
+    return train, val, tuple(classes), summary
+
+
+def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int) -> np.ndarray:
+    """Indices for one epoch: a permutation, or a class-balanced draw of the same length."""
+    if sampling == "uniform":
+        return rng.permutation(len(labels))
+    counts = np.bincount(labels, minlength=num_classes)
+    p = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and optimiser
+# ----------------------------------------------------------------------------------------------
+
+def arch_config(cfg: TrainConfig) -> dict:
+    return {"dropout": cfg.dropout, "dtype": cfg.dtype} if cfg.dtype != "float32" else {"dropout": cfg.dropout}
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+    model = build(cfg.arch, num_classes, seed=cfg.seed, **arch_config(cfg))
+    if cfg.pretrained:
+        from .networks.imagenet import load_imagenet  # noqa: PLC0415 (needs weights only when asked)
+        model = load_imagenet(model, cfg.arch)
+    return model
+
+
+def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
+    import flax, optax, orbax.checkpoint  # noqa: E401 (versions for the record)
+    return {
+        "arch": cfg.arch, "arch_config": arch_config(cfg), "classes": list(classes), "task": cfg.task,
+        "image_size": cfg.image_size, "resize": cfg.resize,
+        "normalisation": Normalisation(color_constancy=cfg.color_constancy).to_dict(),
+        "temperature": 1.0, "tta": cfg.tta, "training": {"config": cfg.to_dict(), "data": summary},
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                     "orbax-checkpoint": orbax.checkpoint.__version__},
+        "licence": "Trained on HAM10000 (CC BY-NC-SA 4.0): non-commercial use only.",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evals
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200) -> tuple[dict, np.ndarray]:
+    logits = predictor.logits_from_arrays(split.images)
+    probs = metrics.softmax(logits)
+    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap), logits
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train_and_evaluate(cfg: TrainConfig) -> dict:
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json())
+    train, val, classes, summary = prepare_data(cfg, workdir)
+    if len(train.labels) == 0 or len(val.labels) == 0:
+        raise UserError(f"{cfg.data}: {len(train.labels)} training and {len(val.labels)} validation images; "
+                        f"need both. Add images or lower --val_frac.")
+    num_classes = len(classes)
+    metadata = model_metadata(cfg, classes, summary)
+
+    mesh = data_mesh()
+    n_dev = mesh.devices.size
+    batch = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
+    steps_per_epoch = len(train.labels) // batch
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train.labels)} training images are fewer than one batch ({batch}); lower --batch_size.")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    model = build_model(cfg, num_classes)
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total_steps,
+                               warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+                               body_lr_mult=cfg.body_lr_mult)
+    norm = Normalisation(color_constancy=cfg.color_constancy)
+    aug = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), brightness=cfg.color_jitter,
+                        contrast=cfg.color_jitter, saturation=cfg.color_jitter,
+                        hue=0.15 * cfg.color_jitter)
+    train_step = make_train_step(aug=aug, norm=norm, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
+                                 mixup=cfg.mixup, dtype=jnp.dtype(cfg.dtype))
+    weights = jnp.asarray(class_weights(train.labels, num_classes, cfg.class_weighting))
+
+    # --- checkpoint: resume from latest/ if asked ---
+    progress = {"epoch": 0, "history": [], "best_balanced_accuracy": -1.0, "best_epoch": 0}
+    if cfg.resume:
+        restored = checkpoint.restore_training(workdir / "latest", model, optimizer)
+        if restored is None:
+            print(f"--resume: no checkpoint in {workdir / 'latest'}; starting from scratch.")
+        else:
+            progress = restored
+            print(f"Resuming after epoch {progress['epoch']} of {cfg.epochs}.")
+    replicate((model, optimizer), mesh)
+    predictor = Predictor(model, metadata)
+    log_path = workdir / "log.jsonl"
+
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        # Per-epoch seeds: a resumed run draws the same batches as an uninterrupted one.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
+        order = epoch_order(rng, train.labels, cfg.sampling, num_classes)
+        model.train()
+        losses, preds, seen, t0 = [], [], [], time.time()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True)
+        for step in bar:
+            idx = np.sort(order[step * batch:(step + 1) * batch])
+            images, labels = shard_batch(mesh, np.asarray(train.images[idx]), train.labels[idx])
+            loss, pred = train_step(model, optimizer, images, labels, weights, jax.random.fold_in(key, step))
+            losses.append(loss)
+            preds.append(pred)
+            seen.append(idx)
+            if step % 10 == 0 or step == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{(step + 1) * batch / (time.time() - t0):.1f}")
+        seen = np.concatenate(seen)
+        train_pred = np.concatenate([np.asarray(p) for p in preds])
+        epoch_time = time.time() - t0
+
+        # --- evals ---
+        model.eval()
+        val_metrics, val_logits = evaluate_split(predictor, val, classes, n_bootstrap=0)
+        row = {"epoch": epoch, "time_s": round(epoch_time, 1),
+               "train_img_per_s": round(len(seen) / epoch_time, 1),
+               "train_loss": float(np.mean([float(l) for l in losses])),
+               "train_accuracy": float((train_pred == train.labels[seen]).mean()),
+               "train_balanced_accuracy": float(np.nanmean([(train_pred[train.labels[seen] == c] == c).mean()
+                                                            for c in np.unique(train.labels[seen])])),
+               "val_loss": val_metrics["nll"], "val_accuracy": val_metrics["accuracy"],
+               "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_macro_auc": val_metrics["macro_auc"]}
+        progress["history"].append(row)
+        progress["epoch"] = epoch
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
+
+        # --- checkpoint: best first, then latest, so a crash in between never loses the best ---
+        if val_metrics["balanced_accuracy"] > progress["best_balanced_accuracy"]:
+            progress["best_balanced_accuracy"] = val_metrics["balanced_accuracy"]
+            progress["best_epoch"] = epoch
+            checkpoint.save(workdir / "best", epoch, model, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics}})
+        checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress)
+
+    return finalize(cfg, workdir, val, classes)
+
+
+def finalize(cfg: TrainConfig, workdir: Path, val: Split, classes) -> dict:
+    """Calibrate the best model on validation, store calibration with it, evaluate external sets."""
+    from .calibration import calibrate  # noqa: PLC0415
+    predictor = Predictor.load(workdir / "best")
+    result = calibrate(predictor, val, classes)
+    result["external"] = {}
+    for spec in cfg.external_eval:
+        records, labels, ext_classes = load_labelled(spec, cfg.task)
+        remap = np.array([classes.index(c) for c in ext_classes])
+        split = cache_split(records, remap[labels], cfg)
+        result["external"][spec], _ = evaluate_split(predictor, split, classes)
+    (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
+    return result

@@ -1,0 +1,98 @@
+"""The update step: loss, optimiser, and data-parallel placement. Pure and jitted; no I/O here."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .augment import AugmentConfig, augment
+from .preprocess import Normalisation, normalise, shades_of_gray, to_unit
+
+# Parameters under these attribute names form the new classification head.
+HEAD_NAMES = frozenset({"classifier"})
+
+
+def learning_rate_schedule(peak_lr: float, total_steps: int, warmup_steps: int):
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak_lr * 0.01, peak_value=peak_lr, warmup_steps=max(warmup_steps, 1),
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr * 1e-3)
+
+
+def is_head(path) -> bool:
+    return any(getattr(k, "key", None) in HEAD_NAMES for k in path)
+
+
+def make_optimizer(model, *, lr, weight_decay, total_steps, warmup_steps, body_lr_mult=1.0) -> nnx.Optimizer:
+    """AdamW on a warmup + cosine schedule; optionally a slower learning rate for the pretrained body."""
+    schedule = learning_rate_schedule(lr, total_steps, warmup_steps)
+    tx = optax.adamw(schedule, weight_decay=weight_decay)
+    if body_lr_mult != 1.0:
+        body = optax.adamw(lambda step: schedule(step) * body_lr_mult, weight_decay=weight_decay)
+        labels = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "head" if is_head(path) else "body", params)
+        tx = optax.multi_transform({"head": tx, "body": body}, labels)
+    return nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(5.0), tx), wrt=nnx.Param)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
+    """Per-class loss weights, mean 1 over the training examples' classes."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 1).astype(np.float64)
+    power = {"none": 0.0, "sqrt": 0.5, "inverse": 1.0}[mode]
+    w = (counts.sum() / counts) ** power
+    return (w / (w[labels].mean())).astype(np.float32)
+
+
+def weighted_cross_entropy(logits, targets, weights):
+    per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(per_example * weights) / jnp.sum(weights)
+
+
+def make_train_step(*, aug: AugmentConfig, norm: Normalisation, num_classes: int,
+                    label_smoothing: float = 0.0, mixup: float = 0.0, dtype=jnp.float32):
+    """Returns train_step(model, optimizer, images_u8, labels, class_weights, key) -> (loss, predictions)."""
+
+    @nnx.jit
+    def train_step(model, optimizer, images_u8, labels, weights_per_class, key):
+        k_aug, k_mix = jax.random.split(key)
+        x = to_unit(images_u8)
+        if norm.color_constancy:
+            x = shades_of_gray(x)
+        x = normalise(augment(k_aug, x, aug), norm).astype(dtype)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        weights = weights_per_class[labels]
+        if mixup > 0:
+            # Mix each image with the batch reversed: no gather, and it shards cleanly.
+            lam = jax.random.beta(k_mix, mixup, mixup)
+            x = lam * x + (1 - lam) * x[::-1]
+            targets = lam * targets + (1 - lam) * targets[::-1]
+            weights = lam * weights + (1 - lam) * weights[::-1]
+
+        def loss_fn(model):
+            logits = model(x)
+            return weighted_cross_entropy(logits, targets, weights), logits
+
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, jnp.argmax(logits, -1)
+
+    return train_step
+
+
+# --- data parallelism: one mesh axis over all local devices; params replicated, batch sharded ---
+
+def data_mesh():
+    # Auto axes: the compiler propagates shardings (GSPMD), so model code stays sharding-agnostic.
+    return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicate(modules, mesh):
+    """Place every array of `modules` (a module or tuple of them) on all devices."""
+    state = nnx.state(modules)
+    nnx.update(modules, jax.device_put(state, NamedSharding(mesh, P())))
+
+
+def shard_batch(mesh, *arrays):
+    """Split arrays along the batch axis over the mesh; the batch must divide by the device count."""
+    sharding = NamedSharding(mesh, P("data"))
+    return tuple(jax.device_put(a, sharding) for a in arrays)

@@ -1,0 +1,116 @@
+"""Shared test fixtures.
+
+Sections: paths to the real data (skipped when absent) | synthetic datasets written to tmp_path.
+Add new fixtures under a section header; keep helpers private (leading underscore).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from model.classes import HAM_CLASSES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real dermoscopy data lives outside the repo (see ../shared/data/README.md); absent on fresh machines.
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------- real data (may skip)
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (real data is only on development machines; "
+                    "see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder `../shared/data` next to the repo; skips when absent."""
+    return _require(SHARED_DATA, "shared data folder")
+
+
+@pytest.fixture(scope="session")
+def ham10000(shared_data) -> Path:
+    """HAM10000 folder (HAM10000_metadata.csv, images/, masks/); skips when absent."""
+    return _require(shared_data / "ham10000" / "HAM10000_metadata.csv", "HAM10000 metadata").parent
+
+
+@pytest.fixture(scope="session")
+def isic2017(shared_data) -> Path:
+    """ISIC 2017 folder (labels.csv with path,split,...,dx); skips when absent."""
+    return _require(shared_data / "isic2017" / "labels.csv", "ISIC 2017 labels.csv").parent
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+# One blob colour per class, so a tiny model can learn the synthetic set.
+_CLASS_RGB = {"akiec": (200, 60, 60), "bcc": (220, 140, 160), "bkl": (120, 80, 40), "df": (150, 110, 90),
+              "mel": (40, 20, 20), "nv": (110, 70, 50), "vasc": (170, 20, 60),
+              "benign": (110, 70, 50), "malignant": (40, 20, 20)}
+
+
+def make_lesion_image(dx: str, seed: int, size=(64, 48)) -> Image.Image:
+    """A skin-toned RGB image with a noisy blob coloured by class; distinct per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.array([225, 180, 160]) + rng.integers(-15, 16, 3)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8))
+    r = int(min(w, h) * rng.uniform(0.25, 0.4))
+    cx, cy = w // 2 + int(rng.integers(-w // 8, w // 8 + 1)), h // 2 + int(rng.integers(-h // 8, h // 8 + 1))
+    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=_CLASS_RGB.get(dx, (90, 90, 90)))
+    return img
+
+
+@pytest.fixture
+def write_image():
+    """`write_image(path, dx="nv", seed=0, size=(64, 48))` -> path: saves a synthetic lesion
+    image; the format follows the suffix (.jpg/.jpeg/.png)."""
+    def write(path, dx: str = "nv", seed: int = 0, size=(64, 48)) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_lesion_image(dx, seed, size).save(path)
+        return path
+    return write
+
+
+@pytest.fixture
+def synthetic_data(tmp_path, write_image) -> SimpleNamespace:
+    """A tiny, clean dataset written as real files, in two layouts:
+
+    - `ham_dir`: HAM layout, `ham_csv` (= ham_dir/synthetic_metadata.csv with lesion_id, image_id,
+      dx, dx_type, age, sex, localization) + `ham_dir/images/ISIC_*.jpg|png` + `ham_dir/masks/`;
+      4 images per HAM class, in 3 lesions per class (the first lesion has 2 photos).
+    - `folders`: folder-per-class `Skin_Data/Cancer/*.jpg` and `Skin_Data/Non_Cancer/*.png`, 6 each.
+    `counts` maps dx -> images in the HAM layout.
+    """
+    ham_dir = tmp_path / "ham"
+    rows, seed = [], 0
+    for dx in HAM_CLASSES:
+        for k in range(4):
+            seed += 1
+            image_id = f"ISIC_{seed:07d}"
+            suffix = ".png" if k == 3 else ".jpg"
+            write_image(ham_dir / "images" / f"{image_id}{suffix}", dx, seed)
+            lesion = f"HAM_{dx}_{max(k - 1, 0)}"
+            rows.append([lesion, image_id, dx, "histo", str(30 + seed), ("male", "female")[seed % 2], "back"])
+    (ham_dir / "masks").mkdir()
+    Image.new("L", (64, 48), 255).save(ham_dir / "masks" / "ISIC_0000001_segmentation.png")
+    ham_csv = ham_dir / "synthetic_metadata.csv"
+    with open(ham_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
+        w.writerows(rows)
+
+    folders = tmp_path / "Skin_Data"
+    for k in range(6):
+        write_image(folders / "Cancer" / f"c{k}.jpg", "malignant", 100 + k)
+        write_image(folders / "Non_Cancer" / f"n{k}.png", "benign", 200 + k)
+
+    return SimpleNamespace(root=tmp_path, ham_dir=ham_dir, ham_csv=ham_csv, ham_images=ham_dir / "images",
+                           folders=folders, counts={dx: 4 for dx in HAM_CLASSES}, n_ham=len(rows), n_folders=12)

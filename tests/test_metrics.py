@@ -1,0 +1,336 @@
+"""Known-answer tests for model.metrics and model.report."""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import metrics as M  # noqa: E402
+from model.classes import BINARY_CLASSES, HAM_CLASSES  # noqa: E402
+
+HAM = list(HAM_CLASSES)
+
+
+def _sample_labels(rng, probs):
+    """One label per row drawn from `probs` (inverse-CDF sampling)."""
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=1) < u).sum(axis=1), probs.shape[1] - 1)
+
+
+def _synthetic(n=1500, k=7, signal=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), labels] += signal
+    return M.softmax(logits), labels
+
+
+# --------------------------------------------------------------------------- AUC / ROC
+
+
+def test_roc_auc_hand_computed():
+    # pos {0.35, 0.8}, neg {0.1, 0.4}: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3/4
+    assert M.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # ties count 1/2: pos {0.5, 0.9} vs neg {0.5, 0.2}: 0.5 + 1 + 1 + 1 = 3.5 / 4
+    assert M.roc_auc([0.5, 0.9, 0.5, 0.2], [1, 1, 0, 0]) == pytest.approx(0.875)
+    assert M.roc_auc([0.3, 0.3, 0.3], [1, 0, 0]) == pytest.approx(0.5)
+
+
+def test_roc_auc_perfect_inverted_random_and_absent():
+    s = np.arange(10.0)
+    assert M.roc_auc(s, s >= 5) == 1.0
+    assert M.roc_auc(s, s < 5) == 0.0
+    rng = np.random.default_rng(0)
+    assert M.roc_auc(rng.random(20000), rng.random(20000) < 0.3) == pytest.approx(0.5, abs=0.02)
+    assert math.isnan(M.roc_auc([0.1, 0.2], [0, 0]))
+    assert math.isnan(M.roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_roc_auc_matches_pairwise_brute_force():
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 8, 200) / 8.0  # many ties
+    pos = rng.random(200) < 0.4
+    a, b = s[pos][:, None], s[~pos][None, :]
+    assert M.roc_auc(s, pos) == pytest.approx(((a > b) + 0.5 * (a == b)).mean())
+
+
+def test_roc_curve_hand_computed_and_area_matches_auc():
+    fpr, tpr, thr = M.roc_curve([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    assert thr[0] == np.inf and list(thr[1:]) == [0.8, 0.4, 0.35, 0.1]
+    rng = np.random.default_rng(2)
+    s = rng.integers(0, 20, 300).astype(float)
+    pos = rng.random(300) < 0.5
+    fpr, tpr, _ = M.roc_curve(s, pos)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(M.roc_auc(s, pos))
+
+
+# --------------------------------------------------------------------------- classification_metrics
+
+
+def test_perfect_predictions():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6] * 3)
+    probs = np.eye(7)[labels] * 0.94 + 0.01
+    m = M.classification_metrics(probs, labels, HAM, n_bootstrap=50)
+    assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0 and m["macro_auc"] == 1.0
+    assert m["melanoma_sensitivity"] == 1.0
+    assert m["malignant_auc"] == 1.0
+    assert m["malignant_sensitivity"] == 1.0 and m["malignant_specificity"] == 1.0
+    assert m["confusion"] == (np.eye(7, dtype=int) * 3).tolist()
+    assert m["absent_classes"] == []
+    assert m["balanced_accuracy_ci"] == [1.0, 1.0]
+    assert m["nll"] == pytest.approx(-math.log(0.95))
+
+
+def test_random_predictions_near_chance():
+    rng = np.random.default_rng(3)
+    n = 6000
+    probs = rng.dirichlet(np.ones(7), n)
+    labels = rng.integers(0, 7, n)
+    m = M.classification_metrics(probs, labels, HAM, n_bootstrap=0)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 7, abs=0.03)
+    assert m["macro_auc"] == pytest.approx(0.5, abs=0.03)
+    assert m["malignant_auc"] == pytest.approx(0.5, abs=0.03)
+    assert "balanced_accuracy_ci" not in m
+
+
+def test_balanced_accuracy_with_absent_class_hand_computed():
+    classes = ["a", "b", "c"]
+    labels = np.array([0, 0, 0, 0, 1, 1])  # class "c" absent
+    preds = np.array([0, 0, 0, 1, 1, 2])  # recall a = 3/4, b = 1/2; predicts c once
+    probs = np.eye(3)[preds] * 0.7 + 0.1
+    m = M.classification_metrics(probs, labels, classes, n_bootstrap=20)
+    assert m["absent_classes"] == ["c"]
+    assert m["balanced_accuracy"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert set(m["recall"]) == {"a", "b"} and set(m["auc"]) == {"a", "b"}
+    assert m["support"] == {"a": 4, "b": 2, "c": 0}
+    assert m["specificity"]["c"] == pytest.approx(5 / 6)  # one false "c" among 6 negatives
+    assert m["specificity"]["a"] == pytest.approx(1.0)  # b-cases never called a
+    assert m["precision"]["b"] == pytest.approx(1 / 2)
+    assert m["confusion"] == [[3, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert "melanoma_sensitivity" not in m  # no "mel" class in this task
+    assert m["malignant_auc"] is None  # nothing malignant in these toy classes
+
+
+def test_melanoma_absent_is_none_and_json_has_no_nan():
+    labels = np.array([0, 1, 2, 3, 5, 6, 5, 5])  # no mel (index 4)
+    probs, _ = _synthetic(n=8, seed=4)
+    m = M.classification_metrics(probs, labels, HAM, n_bootstrap=30)
+    assert m["melanoma_sensitivity"] is None
+    assert "mel" in m["absent_classes"]
+    text = json.dumps(m, allow_nan=False)  # raises on NaN / inf
+    assert json.loads(text) == m
+
+
+def test_binary_task_malignant_metrics_threshold():
+    classes = list(BINARY_CLASSES)  # benign, malignant
+    p_mal = np.array([0.9, 0.6, 0.4, 0.2, 0.55, 0.1])
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    probs = np.stack([1 - p_mal, p_mal], axis=1)
+    m = M.classification_metrics(probs, labels, classes, n_bootstrap=50)
+    assert m["malignant_sensitivity"] == pytest.approx(2 / 3)  # 0.9, 0.6 >= 0.5; 0.4 missed
+    assert m["malignant_specificity"] == pytest.approx(2 / 3)  # 0.55 false alarm
+    # pos {.9,.6,.4} vs neg {.2,.55,.1}: losses only .4<.55 -> 8/9
+    assert m["malignant_auc"] == pytest.approx(8 / 9)
+    assert m["auc"]["malignant"] == pytest.approx(8 / 9)
+    lo, hi = m["malignant_auc_ci"]
+    assert lo <= 8 / 9 <= hi
+
+
+def test_malignant_sums_probabilities_over_malignant_classes():
+    # akiec, bcc, mel are malignant; 0.2 + 0.2 + 0.2 = 0.6 >= 0.5 even though nv is argmax
+    row = np.array([0.2, 0.2, 0.0, 0.0, 0.2, 0.4, 0.0])
+    probs = np.stack([row, row])
+    m = M.classification_metrics(probs, [4, 5], HAM, n_bootstrap=0)
+    assert m["malignant_sensitivity"] == 1.0 and m["malignant_specificity"] == 0.0
+    assert m["melanoma_sensitivity"] == 0.0
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_ece_perfectly_calibrated_is_near_zero_and_overconfident_is_not():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=2.0, size=(40000, 5))
+    probs = M.softmax(logits)
+    labels = _sample_labels(rng, probs)  # labels drawn from the predicted distribution
+    assert M.expected_calibration_error(probs, labels) < 0.015
+    assert M.expected_calibration_error(M.softmax(logits * 3), labels) > 0.1
+
+
+def test_ece_hand_computed():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 0, 1])
+    # bins: {0.9, 0.9} acc 0.5 -> |0.5-0.9|*2; {0.6} acc 1 -> 0.4; {0.7} acc 1 -> 0.3
+    assert M.expected_calibration_error(probs, labels) == pytest.approx((0.8 + 0.4 + 0.3) / 4)
+
+
+def test_reliability_bins_structure():
+    probs, labels = _synthetic(n=500, seed=6)
+    rel = M.reliability_bins(probs, labels, n_bins=10)
+    assert rel["edges"].shape == (11,) and rel["count"].sum() == 500
+    filled = rel["count"] > 0
+    assert np.all(np.isnan(rel["accuracy"][~filled]))
+    assert np.all((rel["confidence"][filled] >= rel["edges"][:-1][filled]) &
+                  (rel["confidence"][filled] <= rel["edges"][1:][filled]))
+    ones = np.array([[1.0, 0.0]])
+    assert M.reliability_bins(ones, [0], n_bins=15)["count"][-1] == 1  # p == 1 in last bin
+
+
+def test_fit_temperature_recovers_known_temperature():
+    rng = np.random.default_rng(7)
+    true_logits = rng.normal(scale=2.0, size=(20000, 7))
+    labels = _sample_labels(rng, M.softmax(true_logits))
+    for t in (0.5, 2.5):
+        fitted = M.fit_temperature(true_logits * t, labels)  # model logits scaled by t
+        assert fitted == pytest.approx(t, rel=0.1)
+    assert 0.05 <= M.fit_temperature(np.zeros((10, 3)), np.zeros(10, int)) <= 20
+
+
+def test_softmax():
+    p = M.softmax([[1000.0, 1000.0, -1000.0]])
+    np.testing.assert_allclose(p, [[0.5, 0.5, 0.0]])
+    np.testing.assert_allclose(M.softmax([[0.0, math.log(3)]], temperature=1.0), [[0.25, 0.75]])
+    np.testing.assert_allclose(M.softmax([[0.0, 2 * math.log(3)]], temperature=2.0), [[0.25, 0.75]])
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_estimate_and_narrows():
+    widths = []
+    for n in (200, 3000):
+        probs, labels = _synthetic(n=n, seed=8)
+        point = M.balanced_accuracy(probs, labels)
+        lo, hi = M.bootstrap_ci(probs, labels, M.balanced_accuracy, n=500, seed=0)
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(n): 15x data -> ~3.9x narrower
+
+
+def test_bootstrap_batched_matches_plain_loop_and_is_seeded():
+    probs, labels = _synthetic(n=150, k=4, seed=9)
+    probs = probs.round(2)  # ties exercise the tie handling
+    for fn in (M.balanced_accuracy, M.macro_auc):
+        fast = M.bootstrap_ci(probs, labels, fn, n=100, seed=4)
+        slow = M.bootstrap_ci(probs, labels, lambda p, y, fn=fn: fn(p, y), n=100, seed=4)
+        assert fast == pytest.approx(slow)
+    assert M.bootstrap_ci(probs, labels, M.macro_auc, n=50, seed=1) == \
+        M.bootstrap_ci(probs, labels, M.macro_auc, n=50, seed=1)
+
+
+def test_bootstrap_is_fast():
+    probs, labels = _synthetic(n=1500, seed=10)
+    start = time.perf_counter()
+    M.bootstrap_ci(probs, labels, M.balanced_accuracy, n=1000)
+    assert time.perf_counter() - start < 1.0
+
+
+# --------------------------------------------------------------------------- subgroups
+
+
+@pytest.mark.parametrize("age, band", [(0, "0-29"), (29.9, "0-29"), (30, "30-44"), (44, "30-44"),
+                                       (45, "45-59"), (60, "60-74"), (74, "60-74"), (75, "75+"),
+                                       (90.0, "75+"), ("50", "45-59"), (None, "unknown"),
+                                       (float("nan"), "unknown"), ("", "unknown"),
+                                       ("abc", "unknown"), (-1, "unknown")])
+def test_age_band(age, band):
+    assert M.age_band(age) == band
+
+
+def test_subgroup_metrics_with_missing_values():
+    labels = np.array([4, 5, 4, 5, 1, 2, 4, 5])
+    preds = np.array([4, 5, 5, 5, 1, 2, 4, 4])
+    probs = np.eye(7)[preds] * 0.93 + 0.01
+    sex = ["male", "male", "female", "female", None, float("nan"), "male", ""]
+    ages = [25, 50, None, 80, 40, 41, 62, "unknown"]
+    sub = M.subgroup_metrics(probs, labels, HAM, {"sex": sex, "age_band": [M.age_band(a) for a in ages]})
+    assert list(sub["sex"]) == ["male", "female", "unknown"]  # by size, unknown last
+    male = sub["sex"]["male"]
+    assert male["n"] == 3 and male["accuracy"] == pytest.approx(1.0)
+    assert male["malignant_auc"] == pytest.approx(1.0)
+    female = sub["sex"]["female"]  # mel called nv: recall mel 0, nv 1
+    assert female["balanced_accuracy"] == pytest.approx(0.5) and female["malignant_sensitivity"] == 0.0
+    unknown = sub["sex"]["unknown"]  # bcc ok, bkl ok, nv -> mel
+    assert unknown["n"] == 3 and unknown["accuracy"] == pytest.approx(2 / 3)
+    assert sub["age_band"]["75+"]["malignant_auc"] is None  # only benign there: undefined
+    assert sub["age_band"]["unknown"]["n"] == 2
+    json.dumps(sub, allow_nan=False)
+
+
+def test_subgroup_length_mismatch_raises():
+    probs, labels = _synthetic(n=10)
+    with pytest.raises(ValueError):
+        M.subgroup_metrics(probs, labels, HAM, {"sex": ["m"] * 9})
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_write_report_files_images_and_json(tmp_path):
+    from PIL import Image
+
+    from model.report import plot_learning_curves, write_report
+
+    probs, labels = _synthetic(n=300, seed=11)
+    labels[labels == 3] = 5  # make "df" absent
+    m = M.classification_metrics(probs, labels, HAM, n_bootstrap=100)
+    rng = np.random.default_rng(0)
+    m["subgroups"] = M.subgroup_metrics(probs, labels, HAM, {
+        "sex": rng.choice(["male", "female", None], 300).tolist(),
+        "age_band": [M.age_band(a) for a in rng.choice([20, 50, 70, np.nan], 300)]})
+    m["temperature"] = 1.3
+    paths = write_report(tmp_path / "out", m, probs, labels, HAM, title="Test run",
+                         extra_sections={"Notes": "Synthetic data."})
+    names = {p.name for p in paths}
+    assert names == {"metrics.json", "report.md", "confusion_matrix.png", "roc_curves.png", "reliability.png"}
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 0
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.verify()
+            with Image.open(p) as im:
+                assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    raw = (tmp_path / "out" / "metrics.json").read_text()
+    assert "NaN" not in raw and "Infinity" not in raw
+    loaded = json.loads(raw)
+    assert loaded["absent_classes"] == ["df"] and loaded["auc"].get("df") is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    for needle in ("# Test run", "Melanoma", "Dermatofibroma", "Absent classes", "Malignant vs benign",
+                   "ECE", "Subgroups", "### sex", "unknown", "Synthetic data.", "reliability.png", "1.300"):
+        assert needle in md, needle
+
+    lc = plot_learning_curves([
+        {"epoch": 1, "train_loss": 1.2, "train_accuracy": 0.5, "val_loss": 1.3, "val_accuracy": None},
+        {"epoch": 2, "train_loss": 0.9, "train_accuracy": 0.6, "train_balanced_accuracy": 0.4,
+         "val_loss": 1.1, "val_accuracy": 0.55, "val_balanced_accuracy": 0.45},
+    ], tmp_path / "curves" / "learning_curves.png")
+    with Image.open(lc) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
+
+
+def test_write_report_binary_task(tmp_path):
+    from PIL import Image
+
+    from model.report import write_report
+
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 2, 200)
+    p_mal = np.clip(0.3 + 0.4 * labels + rng.normal(0, 0.2, 200), 0, 1)
+    probs = np.stack([1 - p_mal, p_mal], axis=1)
+    m = M.classification_metrics(probs, labels, BINARY_CLASSES, n_bootstrap=50)
+    paths = write_report(tmp_path, m, probs, labels, BINARY_CLASSES, title="Binary")
+    assert len(paths) == 5
+    for p in paths:
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.verify()
+    assert "Malignant vs benign" in (tmp_path / "report.md").read_text()
