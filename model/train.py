@@ -16,19 +16,15 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, metrics, report
 from .augment import AugmentConfig
-from .classes import HAM_CLASSES
 from .config import TrainConfig
-from .data import Record, load_dataset, select_task
+from .data import load_dataset, select_task
 from .errors import UserError
-from .images import build_cache
+from .images import build_cache, default_cache_dir
 from .networks import build
 from .predictor import Predictor
 from .preprocess import Normalisation
 from .splits import make_split, read_split, write_split
 from .train_step import class_weights, data_mesh, make_optimizer, make_train_step, replicate, shard_batch
-
-CACHE_DIR = Path(os.environ.get("LESIONLENS_CACHE", "~/.cache/lesionlens")).expanduser() / "images"
-
 
 # ----------------------------------------------------------------------------------------------
 # Input pipeline
@@ -59,7 +55,7 @@ def load_labelled(spec: str, task: str) -> tuple[list, np.ndarray, tuple]:
 
 
 def cache_split(records, labels, cfg: TrainConfig) -> Split:
-    images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, CACHE_DIR)
+    images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, default_cache_dir())
     return Split(images, np.asarray(labels, np.int32), list(records))
 
 

@@ -1,0 +1,117 @@
+"""lesionlens command line: `python -m model COMMAND --help`.
+
+    python -m model train     [train.py flags]      same as `python train.py`
+    python -m model evaluate  --checkpoint DIR --csv LABELS.csv --out OUTDIR
+    python -m model predict   --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...
+    python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
+    python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
+    python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
+"""
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+def cmd_train(args):
+    from .config import from_arguments
+    from .train import train_and_evaluate
+    train_and_evaluate(from_arguments(args))
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate
+    result = evaluate(args.checkpoint, args.csv, args.out, split=args.split, tta=args.tta,
+                      n_bootstrap=args.bootstrap)
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "melanoma_sensitivity", "ece")
+    print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+    print(f"wrote {args.out}/metrics.json, report.md and plots")
+
+
+def cmd_predict(args):
+    from .predict import predict_files
+    failures = predict_files(args.checkpoint, args.inputs, args.out, tta=args.tta)
+    print(f"wrote {args.out}" + (f" ({failures} file(s) could not be read: see the error column)" if failures else ""))
+
+
+def cmd_organize(args):
+    from .data import organize
+    counts = organize(args.csv, args.images, args.out, mode="link" if args.link else "copy")
+    print(json.dumps(counts, indent=2))
+
+
+def cmd_split(args):
+    from .data import load_dataset, select_task
+    from .splits import make_split, write_split
+    records, labels, _ = select_task(load_dataset(args.data), args.task)
+    assignment = make_split(records, labels, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
+    write_split(args.out, records, assignment)
+    print(f"wrote {args.out}: " + ", ".join(f"{s} {int((assignment == s).sum())}" for s in ("train", "val", "test")))
+
+
+def cmd_info(args):
+    from .checkpoint import read_metadata
+    print(json.dumps(read_metadata(args.checkpoint), indent=2))
+
+
+def parser() -> argparse.ArgumentParser:
+    from .config import add_arguments
+    ap = argparse.ArgumentParser(prog="python -m model", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    add_arguments(sub.add_parser("train", help="train a model (same flags as train.py)")).set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, report and plots for a checkpoint on a labelled set")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")
+    p.add_argument("--csv", required=True, help="labelled set: path,dx CSV (paths relative to it), "
+                                                "ISIC metadata CSV/folder, class folders, or a split.csv")
+    p.add_argument("--split", help="only rows whose `split` column has this value (e.g. test, val)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="dihedral test-time augmentation (default: as the checkpoint was validated)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class probabilities for images or folders -> CSV")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("organize", help="copy or link images into class folders from a metadata CSV")
+    p.add_argument("csv")
+    p.add_argument("images")
+    p.add_argument("out")
+    p.add_argument("--link", action="store_true", help="symlink instead of copying")
+    p.set_defaults(run=cmd_organize)
+
+    p = sub.add_parser("split", help="write a lesion-grouped, stratified train/val/test split")
+    p.add_argument("data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="ham7", choices=["ham7", "binary"])
+    p.add_argument("--val_frac", type=float, default=0.15)
+    p.add_argument("--test_frac", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_split)
+
+    p = sub.add_parser("info", help="print a checkpoint's metadata")
+    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(run=cmd_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`python -m model evaluate --checkpoint DIR --csv LABELS.csv --out OUTDIR`
+
+Scores a checkpoint on any labelled set (a `path,dx` CSV, an ISIC metadata CSV/folder, class folders,
+or a run's split file with --split val) and writes metrics.json, report.md and PNG plots.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics, report
+from .calibration import subgroups
+from .data import load_dataset, select_task
+from .errors import UserError
+from .images import build_cache, default_cache_dir
+from .predictor import Predictor
+
+
+def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None, tta: bool | None = None,
+             n_bootstrap: int = 1000) -> dict:
+    predictor = Predictor.load(checkpoint)
+    records, labels, data_classes = select_task(load_dataset(source, split=split), predictor.metadata["task"])
+    if len(records) == 0:
+        raise UserError(f"{source}: no labelled images for the task {predictor.metadata['task']!r}.")
+    labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]
+    images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
+    logits = predictor.logits_from_arrays(images, tta)
+    probs = predictor.probabilities(logits)
+    result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap)
+    result["subgroups"] = metrics.subgroup_metrics(probs, labels, predictor.classes, subgroups(records))
+    result["temperature"] = predictor.metadata.get("temperature", 1.0)
+    result["checkpoint"] = predictor.checkpoint_id
+    result["source"] = str(source) + (f" (split {split})" if split else "")
+    report.write_report(Path(out), result, probs, labels, predictor.classes,
+                        title=f"{predictor.checkpoint_id} on {Path(source).name}")
+    return result

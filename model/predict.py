@@ -1,0 +1,60 @@
+"""`python -m model predict --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...`
+
+One CSV row per image: path, predicted class, malignant probability, one probability column per class,
+and an `error` column; files that cannot be read get their reason there, the rest are still predicted.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .images import IMAGE_SUFFIXES, load_image, to_square
+from .errors import UserError
+from .predictor import Predictor
+
+BATCH = 64
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Files as given; folders searched recursively for images."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{item}: folder has no .jpg/.jpeg/.png images.")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise UserError(f"{item}: no such file or folder.")
+    return paths
+
+
+def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None) -> int:
+    """Returns the number of files that could not be read."""
+    predictor = Predictor.load(checkpoint)
+    paths = expand_inputs(inputs)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "prediction", "malignant_probability", *predictor.classes, "error"])
+        for start in range(0, len(paths), BATCH):
+            chunk, images, errors = paths[start:start + BATCH], [], {}
+            for path in chunk:
+                try:
+                    images.append(to_square(load_image(path), predictor.image_size, predictor.resize))
+                except UserError as e:
+                    errors[path] = str(e)
+            probs = predictor.predict(np.stack(images), tta) if images else np.zeros((0, len(predictor.classes)))
+            rows = iter(probs)
+            for path in chunk:
+                if path in errors:
+                    failures += 1
+                    writer.writerow([path, "", "", *[""] * len(predictor.classes), errors[path]])
+                    continue
+                p = next(rows)
+                writer.writerow([path, predictor.classes[int(p.argmax())],
+                                 f"{predictor.malignant_probability(p[None])[0]:.6f}", *[f"{v:.6f}" for v in p], ""])
+    return failures
