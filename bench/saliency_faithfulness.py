@@ -1,0 +1,234 @@
+"""Do the saliency maps point at the lesion, and do they depend on what the model learned?
+
+  python bench/saliency_faithfulness.py checkpoints/default --n 200 --out runs/saliency_faithfulness.json
+  python bench/saliency_faithfulness.py runs/exp1 --split runs/exp1/split.csv --methods gradcam occlusion
+
+On N HAM10000 images with lesion segmentations (the validation rows of --split, else a seeded
+random sample) and for each saliency method:
+- energy in mask: the share of the map's total inside the lesion mask,
+- pointing game: is the map's maximum inside the mask (Zhang et al. 2016),
+both against a centred Gaussian map (lesions are usually photographed centred, so this is a strong
+baseline; its sigma is set so that half its energy lies in a centred disc of the median lesion
+area) and against chance (the mask's area fraction: what a uniform map or a random point scores);
+- randomisation: Spearman rank correlation between the maps of the trained model and of the same
+architecture with re-initialised weights (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+Near 0 is what a faithful method gives; near 1 means the map shows the image, not the model.
+
+Masks go through the predictor's own square view (`to_square` with the checkpoint's resize mode),
+so they line up with the maps pixel for pixel. Prints a Markdown table; --out writes JSON.
+"""
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import saliency  # noqa: E402
+from model.images import to_square  # noqa: E402
+from model.networks import build  # noqa: E402
+from model.preprocess import preprocess  # noqa: E402
+
+DATA = Path("/work/shared/data/ham10000")
+RANDOM_SEED = 123  # the re-initialised model; any seed other than the training one
+# Per-method settings for batched runs: chunks bound memory at batch x steps copies per pass.
+METHOD_KW = {"smoothgrad": {"chunk": 8}, "integrated_gradients": {"chunk": 8}}
+
+
+# --- metrics (pure numpy, usable on any maps) -------------------------------------------------
+
+def energy_in_mask(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Share of each map's total inside its mask; NaN for a blank map. (B, H, W) -> (B,)."""
+    total = maps.sum(axis=(1, 2))
+    inside = (maps * masks).sum(axis=(1, 2))
+    return np.where(total > 0, inside / np.where(total > 0, total, 1), np.nan)
+
+
+def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Share of each map's maximal pixels that fall in the mask (1/0 for a unique maximum).
+
+    `explain` clips the top 1 % of a map to 1.0, so its "maximum" is that plateau; scoring the
+    share of the plateau inside the mask avoids np.argmax's bias towards the top-left pixel.
+    """
+    peak = maps >= maps.max(axis=(1, 2), keepdims=True)
+    hits = (peak & masks).sum(axis=(1, 2)) / peak.sum(axis=(1, 2))
+    return np.where(maps.max(axis=(1, 2)) > 0, hits, np.nan)
+
+
+def rank_average(a: np.ndarray) -> np.ndarray:
+    """Ranks with ties given their average rank (what Spearman's rho needs)."""
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(a)]
+    ranks = np.empty(len(a))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]  # 1-based
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps; NaN when either is constant."""
+    ra, rb = rank_average(a.ravel()), rank_average(b.ravel())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def centred_gaussian(size: int, area_fraction: float) -> np.ndarray:
+    """Centred isotropic Gaussian whose half-mass disc has `area_fraction` of the frame."""
+    # Half the mass of a 2-D Gaussian lies within r = sigma * sqrt(2 ln 2) = 1.1774 sigma.
+    sigma = size * np.sqrt(area_fraction / np.pi) / np.sqrt(2 * np.log(2))
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    g = np.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2))
+    return (g / g.max()).astype(np.float32)
+
+
+def summarise(values) -> dict:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"mean": None, "ci95": None, "n": 0}
+    half = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "ci95": float(half), "n": int(len(v))}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def pick_images(data: Path, split: Path | None, split_name: str, n: int, seed: int) -> list[str]:
+    """Image ids that have a segmentation mask: the `split_name` rows of a split CSV, else a random sample."""
+    have_mask = {p.name.removesuffix("_segmentation.png") for p in (data / "masks").glob("*_segmentation.png")}
+    if split is not None:
+        with open(split, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split") == split_name]
+        if not rows:
+            sys.exit(f"{split}: no rows with split == {split_name!r} (expected columns path, split, dx, group).")
+        ids = sorted({Path(r["path"]).stem for r in rows} & have_mask)
+    else:
+        ids = sorted(have_mask)
+    rng = np.random.default_rng(seed)
+    return [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
+
+
+def load_masks(data: Path, ids: list[str], size: int, resize: str) -> np.ndarray:
+    masks = [to_square(data / "masks" / f"{i}_segmentation.png", size, resize)[..., 0] >= 128 for i in ids]
+    return np.stack(masks)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def class_indices(p, images_u8: np.ndarray, ids: list[str], target: str, data: Path) -> np.ndarray:
+    if target == "pred":
+        return p.logits_from_arrays(images_u8).argmax(axis=1)
+    with open(data / "HAM10000_metadata.csv", newline="") as f:
+        dx = {r["image_id"]: r["dx"] for r in csv.DictReader(f)}
+    return np.array([p.classes.index(dx[i]) for i in ids])
+
+
+def explain_all(model, x_all, ci_all, method: str, batch: int) -> tuple[np.ndarray, float]:
+    maps, start = [], time.perf_counter()
+    for s in range(0, len(x_all), batch):
+        maps.append(saliency.explain(model, x_all[s:s + batch], jnp.asarray(ci_all[s:s + batch]),
+                                     method=method, **METHOD_KW.get(method, {})))
+    return np.concatenate(maps), (time.perf_counter() - start) / len(x_all)
+
+
+def run(args) -> dict:
+    from model.predictor import Predictor  # noqa: PLC0415 (after the data check: fail fast)
+
+    p = Predictor.load(args.checkpoint)
+    size, resize = p.image_size, p.metadata.get("resize", "squash")
+    ids = pick_images(args.data, args.split, args.split_name, args.n, args.seed)
+    images = p.prepare([args.data / "images" / f"{i}.jpg" for i in ids])
+    masks = load_masks(args.data, ids, size, resize)
+    ci = class_indices(p, images, ids, args.target, args.data)
+    x = np.asarray(preprocess(jnp.asarray(images), p.norm))
+
+    area = masks.mean(axis=(1, 2))
+    gauss = np.broadcast_to(centred_gaussian(size, float(np.median(area))), masks.shape)
+    rows = {
+        "chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)},
+        "centred Gaussian": {"energy_in_mask": summarise(energy_in_mask(gauss, masks)),
+                             "pointing": summarise(pointing_game(gauss, masks))},
+    }
+    random_model = None
+    if not args.no_randomisation:
+        md = p.metadata
+        random_model = build(md["arch"], len(md["classes"]), seed=RANDOM_SEED, **md.get("arch_config", {}))
+        random_model.eval()
+
+    for method in args.methods:
+        maps, sec = explain_all(p.model, x, ci, method, args.batch)
+        # The batched path must be what the app sees: p.explain on the first image.
+        same = np.abs(p.explain(images[0], method=method, class_index=int(ci[0])) - maps[0]).max()
+        row = {"energy_in_mask": summarise(energy_in_mask(maps, masks)),
+               "pointing": summarise(pointing_game(maps, masks)),
+               "seconds_per_image": sec, "max_abs_diff_vs_predictor_explain": float(same),
+               "blank_maps": int((maps.max(axis=(1, 2)) == 0).sum())}
+        if random_model is not None:
+            rand_maps, _ = explain_all(random_model, x, ci, method, args.batch)
+            row["randomisation_spearman"] = summarise([spearman(a, b) for a, b in zip(maps, rand_maps)])
+        rows[method] = row
+        print(f"  {method}: {sec:.2f} s/image", file=sys.stderr)
+
+    return {"checkpoint": str(args.checkpoint), "checkpoint_id": p.checkpoint_id, "arch": p.metadata["arch"],
+            "image_size": size, "resize": resize, "n_images": len(ids), "target": args.target,
+            "split": str(args.split) if args.split else None, "seed": args.seed,
+            "gaussian_area_fraction": float(np.median(area)), "random_model_seed": RANDOM_SEED,
+            "rows": rows, "image_ids": ids}
+
+
+def markdown(result: dict) -> str:
+    def cell(s):
+        return "-" if not s or s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
+
+    lines = [f"Saliency faithfulness: {result['checkpoint_id']} ({result['arch']}, {result['image_size']} px, "
+             f"{result['resize']}), {result['n_images']} HAM10000 images, target = {result['target']} class",
+             "", "| map | energy in mask | pointing game | rank corr. with random-weights map | s / image |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, row in result["rows"].items():
+        sec = row.get("seconds_per_image")
+        lines.append(f"| {name} | {cell(row['energy_in_mask'])} | {cell(row['pointing'])} | "
+                     f"{cell(row.get('randomisation_spearman'))} | {'-' if sec is None else f'{sec:.2f}'} |")
+    lines.append("")
+    lines.append("Means ± 95 % normal-approximation half-widths. Rank correlation: lower is better "
+                 "(Adebayo et al. 2018); a method near 1 ignores the weights.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", nargs="?", default="checkpoints/default")
+    ap.add_argument("--data", type=Path, default=DATA, help="HAM10000 folder with images/ and masks/")
+    ap.add_argument("--split", type=Path, help="split CSV (path,split,dx,group); default: a seeded random sample")
+    ap.add_argument("--split-name", default="val")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(saliency.METHODS), choices=list(saliency.METHODS))
+    ap.add_argument("--target", choices=("pred", "true"), default="pred", help="explain the predicted or the true class")
+    ap.add_argument("--batch", type=int, default=4, help="images per saliency call")
+    ap.add_argument("--no-randomisation", action="store_true", help="skip the random-weights sanity check")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    if not (args.data / "images").is_dir() or not (args.data / "masks").is_dir():
+        print(f"skipped: {args.data} has no images/ and masks/ folders (HAM10000 with segmentations).")
+        return 0
+    if not Path(args.checkpoint).exists():
+        print(f"skipped: no checkpoint at {args.checkpoint}; train one first or pass its folder.")
+        return 0
+    result = run(args)
+    print(markdown(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

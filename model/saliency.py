@@ -1,0 +1,309 @@
+"""Saliency maps in JAX for any model that follows the `model.networks` contract.
+
+  from model import saliency
+  model.eval()
+  maps = saliency.explain(model, x, class_index, method="gradcam")   # np.float32 (B, H, W) in [0, 1]
+
+`x` is float32 NHWC, already normalised (the predictor preprocesses); `class_index` is an int,
+one int per image, or None for each image's predicted class. Every method is one `nnx.jit`
+function that takes the model as an argument: one compilation per input shape, whatever the
+class indices. The raw functions return unnormalised maps; `explain` upsamples them to the input
+size and scales each to [0, 1].
+
+Methods, and what each one is good for:
+- gradcam: Grad-CAM (Selvaraju et al. 2017) on the last conv feature map; coarse, class-specific.
+- gradients: |d logit / d x| (Simonyan et al. 2014); sharp but noisy.
+- smoothgrad: gradients averaged over noisy copies (Smilkov et al. 2017).
+- integrated_gradients: Sundararajan et al. 2017, blurred baseline by default (see below).
+- occlusion: drop in class probability when a patch is covered (Zeiler & Fergus 2014); needs
+  no gradients, so it is the model-agnostic check on the others.
+"""
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# IG and occlusion baselines. Inputs are normalised, so zeros are the dataset-mean colour (the
+# grey patch of occlusion studies). IG defaults to a blurred copy of the image instead: a black
+# or flat baseline puts (x - baseline) near zero on dark pigment, which silences the lesion
+# itself, while blurring keeps the colours and removes what the model should look at (borders,
+# pigment network, dots, globules) (Sturmfels et al. 2020, "Visualizing the Impact of Feature
+# Attribution Baselines").
+BLUR_SIGMA = 1 / 16  # of the image side: 14 px at 224, wider than pigment-network detail
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _require_eval(model: nnx.Module) -> None:
+    for _, module in nnx.iter_modules(model):
+        if (isinstance(module, nnx.BatchNorm) and not module.use_running_average) or (
+                isinstance(module, nnx.Dropout) and not module.deterministic):
+            raise ValueError("saliency needs the model in eval mode: call model.eval() first (in train "
+                             "mode BatchNorm mixes the batch into every map and updates its statistics)")
+
+
+@nnx.jit
+def _predicted_class(model, x):
+    return jnp.argmax(model(x), axis=-1).astype(jnp.int32)
+
+
+def _prepare(model, x, class_index):
+    """Checks the mode, makes x a float32 batch and class_index one int32 per image."""
+    _require_eval(model)
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 4:
+        raise ValueError(f"expected NHWC images (B, H, W, C), got shape {x.shape}")
+    if class_index is None:
+        return x, _predicted_class(model, x)
+    ci = jnp.asarray(class_index, jnp.int32)
+    if ci.ndim == 0:
+        ci = jnp.full((x.shape[0],), ci)
+    if ci.shape != (x.shape[0],):
+        raise ValueError(f"class_index must be an int or one per image ({x.shape[0]}), got shape {ci.shape}")
+    return x, ci
+
+
+def _class_logit_sum(model, x, ci):
+    # Summing over the batch is exact in eval mode: no image influences another's logit.
+    logits = model(x)
+    return jnp.take_along_axis(logits, ci[:, None], axis=1).sum()
+
+
+def _input_grad(model, x, ci):
+    return jax.grad(lambda z: _class_logit_sum(model, z, ci))(x)
+
+
+def _stacked(fn, xs, n: int, chunk: int | None):
+    """fn over a stack of n items (leading axis of every leaf of xs), `chunk` items per call.
+
+    chunk=None runs all n in one call: fastest, since XLA:CPU runs loop bodies several times
+    slower than the same ops unrolled. A chunk bounds memory on large inputs (a lax.map loop).
+    """
+    if chunk is None or chunk >= n:
+        return fn(xs)
+    groups = -(-n // chunk)
+    pad = groups * chunk - n
+    xs = jax.tree.map(lambda a: jnp.concatenate([a, a[:pad]]).reshape(groups, chunk, *a.shape[1:]), xs)
+    out = jax.lax.map(fn, xs)
+    return jax.tree.map(lambda a: a.reshape(groups * chunk, *a.shape[2:])[:n], out)
+
+
+def _input_grads_stacked(model, xs, ci):
+    """Input gradients of a stack of batches (k, B, H, W, C), as one (k * B) batch."""
+    k, b = xs.shape[:2]
+    grads = _input_grad(model, xs.reshape(k * b, *xs.shape[2:]), jnp.tile(ci, k))
+    return grads.reshape(xs.shape)
+
+
+def _gaussian_matrix(n: int, sigma: float) -> jnp.ndarray:
+    # Rows renormalised to sum to one: the image border is handled without padding.
+    d = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
+    k = jnp.exp(-0.5 * (d / sigma) ** 2)
+    return k / k.sum(axis=1, keepdims=True)
+
+
+@jax.jit
+def gaussian_blur(x: jnp.ndarray, sigma_frac: float = BLUR_SIGMA) -> jnp.ndarray:
+    """Separable Gaussian blur of NHWC images; sigma is a fraction of each image side."""
+    _, h, w, _ = x.shape
+    gh, gw = _gaussian_matrix(h, sigma_frac * h), _gaussian_matrix(w, sigma_frac * w)
+    return jnp.einsum("ih,bhwc,jw->bijc", gh, x, gw)
+
+
+def _baseline(x, baseline):
+    """None or "blur": gaussian_blur(x); "zeros": the dataset-mean colour; else an array."""
+    if baseline is None or isinstance(baseline, str):
+        kind = baseline or "blur"
+        if kind not in ("blur", "zeros"):
+            raise ValueError(f"baseline must be 'blur', 'zeros' or an array, got {baseline!r}")
+        return gaussian_blur(x) if kind == "blur" else jnp.zeros_like(x)
+    return jnp.broadcast_to(jnp.asarray(baseline, jnp.float32), x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM and gradients
+
+@nnx.jit
+def _grad_cam(model, x, ci):
+    feats = model.features(x)
+    logits, head_vjp = jax.vjp(model.head, feats)
+    (grads,) = head_vjp(jax.nn.one_hot(ci, logits.shape[-1], dtype=logits.dtype))
+    weights = grads.mean(axis=(1, 2))  # (B, C): one importance per channel
+    return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", feats, weights.astype(feats.dtype)))
+
+
+def grad_cam(model, x, class_index) -> jax.Array:
+    """Grad-CAM: ReLU of the feature map weighted by spatially averaged gradients -> (B, h, w)."""
+    x, ci = _prepare(model, x, class_index)
+    return _grad_cam(model, x, ci).astype(jnp.float32)
+
+
+@nnx.jit
+def _input_gradients(model, x, ci):
+    return jnp.abs(_input_grad(model, x, ci)).max(axis=-1)
+
+
+def input_gradients(model, x, class_index) -> jax.Array:
+    """|d logit / d x|, max over colour channels -> (B, H, W)."""
+    x, ci = _prepare(model, x, class_index)
+    return _input_gradients(model, x, ci)
+
+
+@nnx.jit(static_argnames=("n", "chunk"))
+def _smoothgrad(model, x, ci, key, sigma, n, chunk):
+    span = x.max(axis=(1, 2, 3), keepdims=True) - x.min(axis=(1, 2, 3), keepdims=True)
+
+    def grads(keys):  # (k,) keys -> (k, B, H, W, C)
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape, x.dtype))(keys)
+        return _input_grads_stacked(model, x[None] + sigma * span * noise, ci)
+
+    mean_grad = _stacked(grads, jax.random.split(key, n), n, chunk).mean(axis=0)
+    return jnp.abs(mean_grad).max(axis=-1)
+
+
+def smoothgrad(model, x, class_index, *, n: int = 16, sigma: float = 0.15, key=None,
+               chunk: int | None = None) -> jax.Array:
+    """Mean input gradient over `n` noisy copies, |.| max over channels -> (B, H, W).
+
+    sigma is a fraction of each image's value range (0.1-0.2 is Smilkov et al.'s sweet spot);
+    key defaults to a fixed seed so the same image always gets the same map; `chunk` noisy
+    copies go through the model at once (None: all n).
+    """
+    x, ci = _prepare(model, x, class_index)
+    key = jax.random.key(0) if key is None else key
+    return _smoothgrad(model, x, ci, key, jnp.float32(sigma), n=n, chunk=chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrated Gradients
+
+class IGResult(NamedTuple):
+    attributions: jax.Array  # (B, H, W, C), signed
+    logit: jax.Array  # (B,) class logit at x
+    baseline_logit: jax.Array  # (B,) class logit at the baseline
+
+
+@nnx.jit(static_argnames=("steps", "chunk"))
+def _integrated_gradients(model, x, baseline, ci, steps, chunk):
+    alphas = jnp.linspace(0.0, 1.0, steps + 1)
+    # Trapezoid rule on [0, 1]: end points weigh half.
+    weights = jnp.ones(steps + 1).at[0].set(0.5).at[-1].set(0.5) / steps
+
+    def grads(a):  # (k,) alphas -> (k, B, H, W, C)
+        a = a[:, None, None, None, None]
+        return _input_grads_stacked(model, baseline[None] + a * (x - baseline)[None], ci)
+
+    grads = _stacked(grads, alphas, steps + 1, chunk)
+    attributions = (x - baseline) * jnp.tensordot(weights, grads, axes=1)
+
+    def class_logit(z):
+        return jnp.take_along_axis(model(z), ci[:, None], axis=1)[:, 0]
+
+    return IGResult(attributions, class_logit(x), class_logit(baseline))
+
+
+def integrated_gradients_raw(model, x, class_index, *, steps: int = 32, baseline=None,
+                             chunk: int | None = None) -> IGResult:
+    """Signed IG attributions; completeness: attributions.sum((1, 2, 3)) ~ logit - baseline_logit.
+
+    baseline: None or "blur" (default, see BLUR_SIGMA), "zeros" (dataset-mean colour) or an
+    array broadcastable to x (e.g. black: (0 - mean) / std). `chunk` interpolation points go
+    through the model at once (None: all steps + 1).
+    """
+    x, ci = _prepare(model, x, class_index)
+    return _integrated_gradients(model, x, _baseline(x, baseline), ci, steps=steps, chunk=chunk)
+
+
+def integrated_gradients(model, x, class_index, *, steps: int = 32, baseline=None,
+                         chunk: int | None = None) -> jax.Array:
+    """Integrated Gradients summed |.| over channels -> (B, H, W)."""
+    result = integrated_gradients_raw(model, x, class_index, steps=steps, baseline=baseline, chunk=chunk)
+    return jnp.abs(result.attributions).sum(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# occlusion
+
+def _starts(size: int, patch: int, stride: int) -> list[int]:
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:  # the last patch sits flush with the border: every pixel is covered
+        starts.append(size - patch)
+    return starts
+
+
+@nnx.jit(static_argnames=("patch", "stride", "chunk"))
+def _occlusion(model, x, baseline, ci, patch, stride, chunk):
+    _, h, w, _ = x.shape
+    grid = [(top, left) for top in _starts(h, patch, stride) for left in _starts(w, patch, stride)]
+    y0, x0 = (jnp.asarray(v) for v in zip(*grid))
+    rows = (jnp.arange(h) >= y0[:, None]) & (jnp.arange(h) < y0[:, None] + patch)  # (P, H)
+    cols = (jnp.arange(w) >= x0[:, None]) & (jnp.arange(w) < x0[:, None] + patch)  # (P, W)
+    rows, cols = rows.astype(x.dtype), cols.astype(x.dtype)
+
+    def class_prob(z, c):
+        return jnp.take_along_axis(jax.nn.softmax(model(z)), c[:, None], axis=1)[:, 0]
+
+    def occluded_probs(rc):  # (k, H), (k, W) -> (k, B)
+        m = (rc[0][:, :, None] * rc[1][:, None, :])[:, None, :, :, None]  # (k, 1, H, W, 1)
+        xs = x[None] * (1 - m) + baseline[None] * m
+        k, b = xs.shape[:2]
+        return class_prob(xs.reshape(k * b, *x.shape[1:]), jnp.tile(ci, k)).reshape(k, b)
+
+    drops = class_prob(x, ci)[None] - _stacked(occluded_probs, (rows, cols), len(grid), chunk)  # (P, B)
+    covered = jnp.einsum("ph,pw->hw", rows, cols)
+    return jnp.einsum("pb,ph,pw->bhw", drops, rows, cols) / covered
+
+
+def occlusion(model, x, class_index, *, patch: int | None = None, stride: int | None = None,
+              baseline="zeros", chunk: int | None = 64) -> jax.Array:
+    """Mean drop in class probability over the patches covering each pixel -> (B, H, W), signed.
+
+    patch defaults to 1/8 of the image side (28 px at 224: about a dermoscopic structure),
+    stride to half the patch (225 positions); `chunk` occluded copies of the batch go through the
+    model at once (None: all positions; forward passes only, so this is lighter than it looks).
+    The default baseline is zeros (the dataset-mean colour): "what if this patch were plain skin".
+    """
+    x, ci = _prepare(model, x, class_index)
+    patch = patch or max(1, round(min(x.shape[1:3]) / 8))
+    stride = stride or max(1, patch // 2)
+    return _occlusion(model, x, _baseline(x, baseline), ci, patch=patch, stride=stride, chunk=chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# one entry point
+
+METHODS = {
+    "gradcam": grad_cam,
+    "gradients": input_gradients,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "occlusion": occlusion,
+}
+
+
+@partial(jax.jit, static_argnames=("size",))
+def _to_unit(maps, size):
+    maps = jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="linear")
+    maps = jnp.maximum(maps, 0.0)  # occlusion: a patch whose removal raises the class is no evidence for it
+    # Robust scale: the 99th percentile, so a few extreme pixels do not wash out the rest; the
+    # max when the map is sparser than 1 %; all-zero maps stay zero.
+    peak = maps.max(axis=(1, 2))
+    top = jnp.percentile(maps, 99.0, axis=(1, 2))
+    top = jnp.where(top > 0, top, peak)
+    scale = jnp.where(top > 0, top, 1.0)[:, None, None]
+    # Exactly 1 at and above the scale: XLA may divide via a reciprocal, one ulp short of 1.
+    return jnp.where(maps >= scale, 1.0, jnp.clip(maps / scale, 0.0, 1.0))
+
+
+def explain(model, x, class_index=None, method: str = "gradcam", **kw) -> np.ndarray:
+    """Saliency of `method` at the input size, each map scaled to [0, 1] -> np.float32 (B, H, W)."""
+    if method not in METHODS:
+        from .errors import UserError
+        raise UserError(f"unknown saliency method {method!r}; choose one of: {', '.join(METHODS)}")
+    x = jnp.asarray(x, jnp.float32)
+    maps = METHODS[method](model, x, class_index, **kw)
+    return np.asarray(_to_unit(maps, size=tuple(x.shape[1:3])), dtype=np.float32)

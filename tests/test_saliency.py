@@ -1,0 +1,226 @@
+"""Saliency (model/saliency.py) and heatmap rendering (model/render.py).
+
+  python -m pytest tests/test_saliency.py
+
+Two models: the real `simple_cnn` (random weights: enough for shapes, class specificity and
+completeness, which hold for any weights), and a tiny contract-following model whose logits read
+only the top-left quadrant, so every faithful method must point there.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import render, saliency
+from model.errors import UserError
+from model.networks import build
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = build("simple_cnn", 2)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.normal(jax.random.key(1), (2, SIZE, SIZE, 3))
+
+
+class TopLeftModel(nnx.Module):
+    """Logits from a non-linear function of the top-left quadrant only: the known answer."""
+
+    def __init__(self):
+        self.mix = nnx.Param(jnp.array([[1.0, -0.5, 0.3, 0.8], [0.2, 1.0, -0.7, 0.1], [-0.4, 0.6, 1.0, -0.9]]))
+        self.out = nnx.Param(jnp.array([[1.0, -1.0], [0.5, 0.8], [-0.6, 0.4], [0.9, 0.2]]))
+
+    def features(self, x):
+        return jax.nn.relu(x @ self.mix[...])
+
+    def head(self, feats):
+        h, w = feats.shape[1] // 2, feats.shape[2] // 2
+        return feats[:, :h, :w].mean(axis=(1, 2)) @ self.out[...]
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+def _top_left_share(maps):
+    maps = np.asarray(maps)
+    h, w = maps.shape[1] // 2, maps.shape[2] // 2
+    return maps[:, :h, :w].sum(axis=(1, 2)) / maps.sum(axis=(1, 2))
+
+
+# --- saliency ---------------------------------------------------------------------------------
+
+# Lighter settings keep the file fast on two CPU cores; the code paths are the same.
+FAST = {"occlusion": {"patch": 16, "stride": 8}, "smoothgrad": {"n": 8}, "integrated_gradients": {"steps": 16}}
+
+
+@pytest.mark.parametrize("method", list(saliency.METHODS))
+def test_every_method_any_class_gives_unit_maps(cnn, images, method):
+    kw = FAST.get(method, {})
+    top = np.asarray(cnn(images)).argmax(axis=1)
+    for class_index in (1 - top, None):  # the runner-up class of each image, then the predicted one
+        maps = saliency.explain(cnn, images, class_index, method=method, **kw)
+        assert maps.shape == (2, SIZE, SIZE) and maps.dtype == np.float32
+        assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+        peaks = maps.max(axis=(1, 2))  # each map is scaled to reach 1, or blank (no positive evidence)
+        assert np.all((np.abs(peaks - 1) < 1e-6) | (peaks == 0))
+    raw = saliency.METHODS[method](cnn, images, 1 - top, **kw)
+    assert raw.shape == ((2, 8, 8) if method == "gradcam" else (2, SIZE, SIZE))
+
+
+def test_gradcam_depends_on_the_class(cnn, images):
+    cam0 = np.asarray(saliency.grad_cam(cnn, images, 0))
+    cam1 = np.asarray(saliency.grad_cam(cnn, images, 1))
+    mixed = np.asarray(saliency.grad_cam(cnn, images, jnp.array([0, 1])))
+    assert not np.allclose(cam0, cam1, atol=1e-6)
+    np.testing.assert_allclose(mixed, np.stack([cam0[0], cam1[1]]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("baseline", ["blur", "zeros"])
+def test_integrated_gradients_completeness(cnn, images, baseline):
+    result = saliency.integrated_gradients_raw(cnn, images, 1, baseline=baseline, **FAST["integrated_gradients"])
+    total = np.asarray(result.attributions.sum(axis=(1, 2, 3)))
+    diff = np.asarray(result.logit - result.baseline_logit)
+    np.testing.assert_allclose(total, diff, rtol=0.05, atol=0.05 * np.abs(diff).max())
+
+
+def test_smoothgrad_is_reproducible_and_key_dependent(cnn, images):
+    kw = FAST["smoothgrad"]
+    a = np.asarray(saliency.smoothgrad(cnn, images, 0, **kw))
+    b = np.asarray(saliency.smoothgrad(cnn, images, 0, **kw))
+    c = np.asarray(saliency.smoothgrad(cnn, images, 0, key=jax.random.key(7), **kw))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("method", ["gradients", "smoothgrad", "integrated_gradients", "occlusion"])
+def test_maps_point_at_the_only_quadrant_that_matters(method):
+    model = TopLeftModel()
+    x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1.0, maxval=2.0)
+    # Occlusion patches aligned with the quadrant: a patch straddling its border would smear the
+    # drop onto the outside half.
+    kw = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"n": 4}}.get(method, {})
+    maps = saliency.METHODS[method](model, x, jnp.array([0, 1]), **kw)
+    if method == "occlusion":  # signed: only the evidence for the class counts
+        maps = jnp.maximum(maps, 0)
+    assert _top_left_share(maps).min() > 0.999
+    peak = np.asarray(maps).reshape(2, -1).argmax(axis=1)
+    assert ((peak // 32 < 16) & (peak % 32 < 16)).all()
+
+
+def test_unit_scaling_handles_blank_and_spiky_maps():
+    maps = jnp.zeros((3, 8, 8)).at[1, 2, 3].set(5.0).at[2].set(jnp.arange(64.0).reshape(8, 8))
+    unit = np.asarray(saliency._to_unit(maps, size=(16, 16)))
+    assert unit.shape == (3, 16, 16)
+    assert (unit[0] == 0).all()  # blank stays blank, no NaN
+    assert unit[1].max() == pytest.approx(1.0) and (unit[1] >= 0).all()
+    assert (unit[2] == 1).mean() == pytest.approx(0.01, abs=0.01)  # only the top ~1 % saturates
+
+
+def test_refuses_train_mode_and_unknown_methods(images):
+    model = build("simple_cnn", 2)
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        saliency.grad_cam(model, images, 0)
+    model.eval()
+    with pytest.raises(UserError, match="gradcam"):
+        saliency.explain(model, images, 0, method="lime")
+    with pytest.raises(ValueError, match="one per image"):
+        saliency.grad_cam(model, images, [0, 1, 1])
+
+
+# --- render -----------------------------------------------------------------------------------
+
+def test_colour_map_runs_dark_to_blue_green_red():
+    lut = render.TURBO
+    assert lut.shape == (256, 3) and lut.dtype == np.uint8
+    assert lut[0].sum() < 100  # dark, cold end
+    assert np.argmax(lut[64]) == 2 and np.argmax(lut[128]) == 1 and np.argmax(lut[255]) == 0
+    np.testing.assert_array_equal(render.colorize(np.array([[0.0, 1.0, 7.0]])), lut[[0, 255, 255]][None])
+
+
+def test_overlay_shapes_and_alpha():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    heat = rng.random((6, 8)).astype(np.float32)  # a coarse map is resized to the image
+    out = render.overlay(image, heat)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, image)
+    for weighted in (True, False):
+        np.testing.assert_array_equal(render.overlay(image, heat, alpha=0.0, heat_weighted=weighted), image)
+    full = render.overlay(image, heat, alpha=1.0, heat_weighted=False)
+    np.testing.assert_array_equal(full, render.colorize(render.resize_heatmap(heat, (48, 64))))
+    cold = render.overlay(image, np.zeros((6, 8)), alpha=0.9)  # heat-weighted: no heat, no tint
+    np.testing.assert_array_equal(cold, image)
+
+
+def test_contour_of_a_known_blob():
+    heat = np.zeros((40, 40), np.float32)
+    heat[10:20, 15:25] = 1.0  # 6 % of the frame: the whole blob is in the top 20 %
+    ring = np.zeros_like(heat, bool)
+    ring[10:20, 15:25] = True
+    ring[11:19, 16:24] = False
+    np.testing.assert_array_equal(render.top_region_contour(heat, 20), ring)
+    assert not render.top_region_contour(np.zeros((8, 8)), 20).any()
+
+    yy, xx = np.mgrid[:60, :60]
+    bump = np.exp(-((yy - 30.0) ** 2 + (xx - 30.0) ** 2) / 200)
+    edge = render.top_region_contour(bump, 20)
+    radius = np.hypot(yy[edge] - 30, xx[edge] - 30)
+    expected = np.sqrt(0.2 * 60 * 60 / np.pi)  # the disc holding 20 % of the pixels
+    assert np.abs(radius - expected).max() < 1.5
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    drawn = render.overlay(image, heat, contour_percent=20)
+    assert (drawn[ring] == 255).all() and (drawn[~ring] < 255).all()
+
+
+def test_side_by_side_layout():
+    a, b = np.zeros((30, 20, 3), np.uint8), np.zeros((25, 10, 3), np.uint8)
+    row = render.side_by_side([a, b], gap=4)
+    assert row.shape == (30, 34, 3) and row.dtype == np.uint8
+    assert (row[:, 20:24] == 255).all() and (row[25:, 24:] == 255).all()
+    labelled = render.side_by_side([a, b], labels=["Grad-CAM", "IG"], gap=4)
+    assert labelled.shape[0] > 30 and labelled.shape[1] == 34
+    strip = labelled[: labelled.shape[0] - 30]
+    assert (strip < 128).any()  # the labels were drawn
+
+
+# --- faithfulness metrics (bench/saliency_faithfulness.py) on synthetic maps -------------------
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "saliency_faithfulness.py"
+    spec = importlib.util.spec_from_file_location("saliency_faithfulness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_faithfulness_metrics_on_known_maps():
+    bench = _bench()
+    masks = np.zeros((3, 20, 20), bool)
+    masks[:, 5:15, 5:15] = True
+    maps = np.stack([masks[0].astype(np.float32), 1 - masks[1].astype(np.float32), np.zeros((20, 20))])
+    np.testing.assert_allclose(bench.energy_in_mask(maps, masks)[:2], [1.0, 0.0])
+    np.testing.assert_allclose(bench.pointing_game(maps, masks)[:2], [1.0, 0.0])
+    assert np.isnan(bench.energy_in_mask(maps, masks)[2]) and np.isnan(bench.pointing_game(maps, masks)[2])
+
+    a = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
+    np.testing.assert_allclose(bench.rank_average(a), [4.0, 1.0, 2.5, 2.5, 5.0])
+    assert bench.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert bench.spearman(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(bench.spearman(a, np.ones(5)))
+
+    g = bench.centred_gaussian(101, 0.2)  # half its energy in the centred disc of 20 % of the frame
+    yy, xx = np.mgrid[:101, :101] - 50
+    disc = np.hypot(yy, xx) <= np.sqrt(0.2 * 101 * 101 / np.pi)
+    assert g[disc].sum() / g.sum() == pytest.approx(0.5, abs=0.02)
