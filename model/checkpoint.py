@@ -93,19 +93,26 @@ def load_model(path):
     """Rebuild the network from metadata alone and restore its weights: (model in eval mode, metadata)."""
     metadata = read_metadata(path)
     directory, step = _step_dir(path)
-    model = build_from_metadata(metadata)
-    target = nnx.state(model, WEIGHTS)
+    # Shapes only: running the initialisers of a real network would cost seconds for nothing.
+    graphdef, target, rest = nnx.split(nnx.eval_shape(lambda: build_from_metadata(metadata)), WEIGHTS, ...)
     try:
         with _manager(directory) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(f"{directory}: weights do not match architecture {metadata['arch']!r} from its "
                         f"metadata, or are incomplete ({type(e).__name__}: {str(e)[:200]}).")
-    nnx.update(model, restored["model"])
+    model = nnx.merge(graphdef, restored["model"], jax.tree.map(_materialize, rest))
     model.eval()
     metadata["checkpoint_id"] = checkpoint_id(directory, step, restored["model"])
     metadata["checkpoint_path"] = str(directory)
     return model, metadata
+
+
+def _materialize(abstract):
+    """Concrete values for the non-weight state (dropout RNG keys, counters) of an abstract model."""
+    if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), abstract.shape) if abstract.shape else jax.random.key(0)
+    return jax.numpy.zeros(abstract.shape, abstract.dtype)
 
 
 def restore_training(directory, model, optimizer) -> dict | None:

@@ -1,0 +1,320 @@
+"""Gradio Blocks for LesionLens: layout and event wiring only; the logic is in `handlers`.
+
+    demo = build_demo(Predictor.load("checkpoints/default"), CaseStore("history/cases.db"))
+    demo.launch(**launch_kwargs())
+
+Tabs: Chat (main screen), Compare, History, Model. The only globals are read-only (the
+predictor, the store handle); per-user things live in gr.State or the database, scoped to
+`request.username` when auth is on. Events that run the model share one concurrency group, so
+the CPU runs one explanation at a time and the rest queue.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from model.errors import UserError
+
+from . import handlers as h
+from .commands import METHOD_LABELS
+
+log = logging.getLogger("lesionlens")
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+MODEL = dict(concurrency_id="model", concurrency_limit=1)   # one model call at a time on the CPU
+LIGHT = dict(concurrency_limit=None)                        # store-only: never wait for the model
+
+CSS = """
+.ll-banner {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217,119,6,.08);}
+"""
+
+INTRO = ("# LesionLens\n"
+         "Drop a dermoscopy image of one skin lesion: the model ranks seven diagnoses and shows "
+         "where it looked. Images and results stay on this machine.")
+BANNER = ("**Research tool, not a medical device.** It supports, and never replaces, a clinician. "
+          "Trained on HAM10000 (CC BY-NC-SA 4.0): non-commercial use only.")
+PLACEHOLDER = ("**Drop one or more lesion images** below (optionally with a note such as "
+               "*“54 y, left shoulder, growing”*).\n\nThen ask `show integrated gradients`, "
+               "`explain melanoma`, `why not nevus?` or `help`.")
+
+
+def _samples() -> list:
+    """A few bundled HAM10000 images as chat examples (one per class where available)."""
+    notes = {"mel": "75 y, lower leg", "nv": "70 y, back", "bcc": "55 y, back",
+             "bkl": "45 y, face", "akiec": "55 y, neck", "df": "65 y, lower leg",
+             "vasc": "60 y, trunk"}
+    seen, out = set(), []
+    for p in sorted(SAMPLES.glob("*.jpg")):
+        dx = p.name.split("_")[0]
+        if dx not in seen:
+            seen.add(dx)
+            out.append([{"text": notes.get(dx, ""), "files": [str(p)]}])
+    return out
+
+
+def _user_error(fn):
+    """Turn UserError into a Gradio error toast with the human message."""
+    @functools.wraps(fn)   # keeps the signature: Gradio injects gr.Request by annotation
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+    return wrapped
+
+
+def build_demo(predictor, store) -> gr.Blocks:
+    ctx = h.Services(predictor, store)
+    atexit.register(shutil.rmtree, ctx.tmp_dir, ignore_errors=True)
+    names = dict(zip(predictor.classes, predictor.class_names))
+
+    # ---------------------------------------------------------------- handlers (thin wrappers)
+    def chat_add(message, history):
+        history, pending = h.chat_add(message, history)
+        return history, pending, gr.MultimodalTextbox(value=None, interactive=False)
+
+    def chat_respond(pending, history, state, request: gr.Request):
+        yield from h.chat_respond(ctx, pending, history, state, h.user_of(request))
+
+    def unlock():
+        return gr.MultimodalTextbox(interactive=True)
+
+    @_user_error
+    def classify(path, request: gr.Request):
+        return h.classify_api(ctx, path, h.user_of(request))
+
+    def refresh_case_list(current, chat_state, request: gr.Request):
+        choices = h.case_choices(ctx, h.user_of(request))
+        ids = [v for _, v in choices]
+        want = current if current in ids else (chat_state or {}).get("case_id")
+        value = want if want in ids else (ids[0] if ids else None)
+        return gr.Dropdown(choices=choices, value=value)
+
+    @_user_error
+    def compare_upload(path, request: gr.Request):
+        if not path:
+            return gr.Dropdown()
+        user = h.user_of(request)
+        case, _, _ = h.classify_path(ctx, path, user=user, note="uploaded in Compare")
+        return gr.Dropdown(choices=h.case_choices(ctx, user), value=case.id)
+
+    @_user_error
+    def compare_run(case_id, mode, methods, classes, alpha, request: gr.Request):
+        user = h.user_of(request)
+        state = h.compare_compute(ctx, case_id, mode, methods, classes, user)
+        gallery, slider, files = h.compare_render(ctx, state, alpha, None, user)
+        captions = [c for c, _ in state["items"]]
+        return (state, gallery, slider, files,
+                gr.Dropdown(choices=captions, value=captions[0] if captions else None))
+
+    def compare_reblend(state, alpha, pick, request: gr.Request):
+        return h.compare_render(ctx, state, alpha, pick, h.user_of(request))
+
+    @_user_error
+    def history_search(query, cls, date_from, date_to, request: gr.Request):
+        cases = h.history_cases(ctx, h.user_of(request), query, cls, date_from, date_to)
+        table = pd.DataFrame(h.history_table(ctx, cases), columns=h.HISTORY_COLUMNS)
+        return table, f"{len(cases)} case{'s' if len(cases) != 1 else ''}"
+
+    def history_select(evt: gr.SelectData, request: gr.Request):
+        row = evt.row_value or []
+        case_id = int(row[0]) if row and str(row[0]).isdigit() else None
+        thumb, md = h.case_details(ctx, case_id, h.user_of(request))
+        return case_id, thumb, md, gr.Row(visible=False)
+
+    def ask_delete(case_id):
+        if not case_id:
+            raise gr.Error("Select a case in the table first.", print_exception=False)
+        return gr.Row(visible=True), f"Delete case #{case_id} and its image? This cannot be undone."
+
+    def do_delete(case_id, request: gr.Request):
+        ok = ctx.store.delete_case(int(case_id), user=h.user_of(request)) if case_id else False
+        gr.Info(f"Case #{case_id} deleted." if ok else f"Case #{case_id} was already gone.")
+        return None, None, "Select a row to see the case.", gr.Row(visible=False)
+
+    def open_in_chat(case_id, history, request: gr.Request):
+        if not case_id:
+            raise gr.Error("Select a case in the table first.", print_exception=False)
+        history, state = h.open_case_in_chat(ctx, case_id, history, h.user_of(request))
+        return history, state, gr.Tabs(selected="chat")
+
+    def open_in_compare(case_id, request: gr.Request):
+        if not case_id:
+            raise gr.Error("Select a case in the table first.", print_exception=False)
+        choices = h.case_choices(ctx, h.user_of(request))
+        return gr.Dropdown(choices=choices, value=int(case_id)), gr.Tabs(selected="compare")
+
+    @_user_error
+    def export(kind, query, cls, date_from, date_to, request: gr.Request):
+        cases = h.history_cases(ctx, h.user_of(request), query, cls, date_from, date_to)
+        return gr.File(value=h.export_history(ctx, kind, cases), visible=True)
+
+    def export_csv_fn(query, cls, date_from, date_to, request: gr.Request):
+        return export("csv", query, cls, date_from, date_to, request)
+
+    def export_zip_fn(query, cls, date_from, date_to, request: gr.Request):
+        return export("zip", query, cls, date_from, date_to, request)
+
+    # ---------------------------------------------------------------- layout
+    # Gradio's copies of uploads and outputs: swept hourly, kept 6 h (cases live in the store).
+    with gr.Blocks(title="LesionLens", analytics_enabled=False,
+                   delete_cache=(3600, 6 * 3600)) as demo:
+        gr.Markdown(INTRO)
+        gr.Markdown(BANNER, elem_classes=["ll-banner"])
+        chat_state = gr.State({})       # {"case_id": current case}
+        pending = gr.State({})          # the message being answered
+        compare_state = gr.State({})    # heat maps of the compared case (re-blended on the slider)
+        selected = gr.State(None)       # case id picked in the History table
+
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                chatbot = gr.Chatbot(label="LesionLens", height=560, placeholder=PLACEHOLDER,
+                                     feedback_options=None, buttons=["copy"],
+                                     elem_id="chatbot")
+                chat_input = gr.MultimodalTextbox(
+                    file_count="multiple", file_types=["image"], sources=["upload"],
+                    placeholder="Drop lesion images here, add a note… or type help",
+                    show_label=False, elem_id="chat-input", max_plain_text_length=2000)
+                gr.Examples(_samples(), inputs=[chat_input], label="Sample images (HAM10000)",
+                            cache_examples=False, examples_per_page=8)
+                clear = gr.Button("New conversation", size="sm", variant="secondary")
+
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=280):
+                        case_dd = gr.Dropdown(label="Case", choices=[], interactive=True)
+                        # gr.File, not gr.Image: our loader reads the original bytes and
+                        # explains what is wrong with a bad file; gr.Image would re-encode it.
+                        upload = gr.File(label="…or upload a new image", file_types=["image"],
+                                         type="filepath", height=120)
+                        mode = gr.Radio([("Several methods", "methods"),
+                                         ("Several classes", "classes")], value="methods",
+                                        label="Compare")
+                        methods = gr.CheckboxGroup([(v, k) for k, v in METHOD_LABELS.items()],
+                                                   value=list(h.COMPARE_METHODS), label="Methods")
+                        classes = gr.CheckboxGroup(
+                            [(n, c) for c, n in names.items()], label="Classes",
+                            info="For “several classes”: heat map of the first ticked method "
+                                 "for each class (default: the predicted class).")
+                        alpha = gr.Slider(0.0, 1.0, value=h.DEFAULT_ALPHA, step=0.05,
+                                          label="Overlay opacity (all panels)")
+                        run = gr.Button("Compare", variant="primary")
+                    with gr.Column(scale=3):
+                        gallery = gr.Gallery(label="Overlays", columns=4, height=300,
+                                             object_fit="contain", elem_id="compare-gallery")
+                        pick = gr.Dropdown(label="Before / after: which overlay", choices=[])
+                        slider = gr.ImageSlider(label="Raw image ↔ overlay", type="numpy",
+                                                interactive=False, height=420)
+                        downloads = gr.File(label="Download (side-by-side panel + each overlay)",
+                                            file_count="multiple", interactive=False)
+
+            with gr.Tab("History", id="history") as history_tab:
+                with gr.Row():
+                    query = gr.Textbox(label="Search note or file name", scale=2,
+                                       placeholder="e.g. shoulder, or part of a file name")
+                    cls = gr.Dropdown([("All classes", "")] + [(n, c) for c, n in names.items()],
+                                      value="", label="Predicted class", scale=1)
+                    date_from = gr.DateTime(label="From (UTC)", include_time=False,
+                                            type="string", scale=1, min_width=220)
+                    date_to = gr.DateTime(label="To (UTC)", include_time=False, type="string",
+                                          scale=1, min_width=220)
+                with gr.Row():
+                    count = gr.Markdown()
+                    search = gr.Button("Search", size="sm", scale=0, min_width=120)
+                table = gr.Dataframe(headers=h.HISTORY_COLUMNS, interactive=False, wrap=True,
+                                     max_height=420, elem_id="history-table")
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=180):
+                        thumb = gr.Image(label="Selected case", height=160, interactive=False)
+                    with gr.Column(scale=3):
+                        details = gr.Markdown("Select a row to see the case.")
+                        with gr.Row():
+                            to_chat = gr.Button("Open in chat", size="sm")
+                            to_compare = gr.Button("Open in compare", size="sm")
+                            delete = gr.Button("Delete case", size="sm", variant="stop")
+                        with gr.Row(visible=False) as confirm_row:
+                            confirm_text = gr.Markdown()
+                            confirm = gr.Button("Yes, delete", size="sm", variant="stop")
+                            cancel = gr.Button("Cancel", size="sm")
+                with gr.Row():
+                    export_csv = gr.Button("Export CSV", size="sm")
+                    export_zip = gr.Button("Export ZIP (CSV + images)", size="sm")
+                export_file = gr.File(label="Export", interactive=False, visible=False)
+
+            with gr.Tab("Model", id="model"):
+                gr.Markdown(h.model_card_markdown(predictor))
+
+        # Programmatic endpoint (gradio_client): invisible, callable as api_name="classify".
+        with gr.Row(visible=False):
+            api_file = gr.File(type="filepath", label="image")
+            api_probs = gr.JSON(label="probabilities")
+            api_overlay = gr.Image(type="filepath", label="gradcam_overlay")
+            api_go = gr.Button()
+
+        # ---------------------------------------------------------------- wiring
+        (chat_input.submit(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input],
+                           api_name="chat_add", **LIGHT)
+         .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state],
+               api_name="chat_respond", **MODEL)
+         .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
+        clear.click(lambda: ([], {}), None, [chatbot, chat_state], api_visibility="private",
+                    **LIGHT)
+
+        api_go.click(classify, api_file, [api_probs, api_overlay], api_name="classify", **MODEL)
+
+        compare_tab.select(refresh_case_list, [case_dd, chat_state], case_dd,
+                           api_visibility="private", **LIGHT)
+        upload.upload(compare_upload, upload, case_dd, api_visibility="private", **MODEL) \
+            .success(compare_run, [case_dd, mode, methods, classes, alpha],
+                     [compare_state, gallery, slider, downloads, pick],
+                     api_visibility="private", **MODEL)
+        (run.click(lambda: gr.Button(interactive=False), None, run, api_visibility="private",
+                   **LIGHT)
+         .then(compare_run, [case_dd, mode, methods, classes, alpha],
+               [compare_state, gallery, slider, downloads, pick], api_name="compare", **MODEL)
+         .then(lambda: gr.Button(interactive=True), None, run, api_visibility="private",
+               **LIGHT))
+        alpha.release(compare_reblend, [compare_state, alpha, pick], [gallery, slider, downloads],
+                      api_visibility="private", **LIGHT)
+        pick.input(compare_reblend, [compare_state, alpha, pick], [gallery, slider, downloads],
+                   api_visibility="private", **LIGHT)
+
+        filters = [query, cls, date_from, date_to]
+        history_tab.select(history_search, filters, [table, count], api_visibility="private",
+                           **LIGHT)
+        gr.on([query.submit, search.click, cls.change, date_from.change, date_to.change],
+              history_search,
+              filters, [table, count], api_name="history", **LIGHT)
+        table.select(history_select, None, [selected, thumb, details, confirm_row],
+                     api_visibility="private", **LIGHT)
+        delete.click(ask_delete, selected, [confirm_row, confirm_text], api_visibility="private",
+                     **LIGHT)
+        cancel.click(lambda: gr.Row(visible=False), None, confirm_row, api_visibility="private",
+                     **LIGHT)
+        confirm.click(do_delete, selected, [selected, thumb, details, confirm_row],
+                      api_visibility="private", **LIGHT) \
+            .then(history_search, filters, [table, count], api_visibility="private", **LIGHT)
+        to_chat.click(open_in_chat, [selected, chatbot], [chatbot, chat_state, tabs],
+                      api_visibility="private", **MODEL)
+        (to_compare.click(open_in_compare, selected, [case_dd, tabs], api_visibility="private",
+                          **LIGHT)
+         .success(compare_run, [case_dd, mode, methods, classes, alpha],
+                  [compare_state, gallery, slider, downloads, pick], api_visibility="private",
+                  **MODEL))
+        export_csv.click(export_csv_fn, filters, export_file, api_visibility="private", **LIGHT)
+        export_zip.click(export_zip_fn, filters, export_file, api_visibility="private", **LIGHT)
+    return demo
+
+
+def launch_kwargs(auth=None) -> dict:
+    """launch() arguments shared by `python -m app`, the tests and a Space entry point."""
+    return dict(auth=auth or None, theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
+                allowed_paths=[str(SAMPLES)],   # the bundled examples, wherever the app runs
+                footer_links=["api"], show_error=True,
+                auth_message="LesionLens: sign in to see your own cases." if auth else None)
