@@ -1,0 +1,52 @@
+"""The bundled model: present, small, self-describing, and warns about non-dermoscopy images."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import checkpoint
+from model.predictor import Predictor
+
+DEFAULT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    if checkpoint.latest_step(DEFAULT / "best") is None and checkpoint.latest_step(DEFAULT) is None:
+        pytest.skip("checkpoints/default is not bundled in this checkout")
+    return Predictor.load(DEFAULT)
+
+
+def test_bundled_checkpoint_is_small_and_describes_itself(predictor):
+    size = sum(p.stat().st_size for p in DEFAULT.rglob("*") if p.is_file())
+    assert size < 30 * 2 ** 20
+    meta = predictor.metadata
+    assert meta["arch"] == "efficientnet_lite0" and len(meta["classes"]) == 7
+    val = meta["metrics"]["val"]
+    assert 0 < val["balanced_accuracy"] <= 1 and len(val["balanced_accuracy_ci"]) == 2
+    assert 0 < meta["temperature"] < 10 and np.isfinite(meta["ood"]["threshold"])
+    assert meta["licence"].lower().count("non-commercial")
+
+
+def synthetic_non_lesions(size=224):
+    """Things people drop by mistake: flat colour, noise, stripes, a document-like page, a blue sky."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    page = np.full((size, size, 3), 245, np.uint8)
+    page[::12, 20:-20] = 30  # lines of "text"
+    sky = np.stack([90 + yy * 0.3, 150 + yy * 0.2, 235 + 0 * yy], -1).astype(np.uint8)
+    return [np.full((size, size, 3), (40, 200, 60), np.uint8),
+            rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            (((xx // 16 + yy // 16) % 2) * 255).astype(np.uint8)[..., None].repeat(3, -1),
+            page, sky]
+
+
+def test_non_dermoscopy_images_are_flagged_and_lesions_pass(predictor):
+    flagged = predictor.analyse([Image.fromarray(a) for a in synthetic_non_lesions()])["unusual"]
+    assert flagged.mean() >= 0.8, flagged
+    samples = sorted(p for p in SAMPLES.glob("*.jpg"))
+    assert samples, "bundled sample images are missing"
+    passed = ~predictor.analyse(samples)["unusual"]
+    assert passed.mean() >= 0.8, passed
