@@ -114,12 +114,19 @@ def build_model(cfg: TrainConfig, num_classes: int):
     return model
 
 
+def normalisation(cfg: TrainConfig) -> Normalisation:
+    """The input scaling the architecture's ImageNet weights expect ([-1, 1] for Lite, ImageNet stats for ResNet)."""
+    from .networks.imagenet import input_normalization  # noqa: PLC0415
+    mean, std = input_normalization(cfg.arch)
+    return Normalisation(mean=tuple(mean), std=tuple(std), color_constancy=cfg.color_constancy)
+
+
 def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
     import flax, optax, orbax.checkpoint  # noqa: E401 (versions for the record)
     return {
         "arch": cfg.arch, "arch_config": arch_config(cfg), "classes": list(classes), "task": cfg.task,
         "image_size": cfg.image_size, "resize": cfg.resize,
-        "normalisation": Normalisation(color_constancy=cfg.color_constancy).to_dict(),
+        "normalisation": normalisation(cfg).to_dict(),
         "temperature": 1.0, "tta": cfg.tta, "training": {"config": cfg.to_dict(), "data": summary},
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "orbax-checkpoint": orbax.checkpoint.__version__},
@@ -166,7 +173,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total_steps,
                                warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
                                body_lr_mult=cfg.body_lr_mult)
-    norm = Normalisation(color_constancy=cfg.color_constancy)
+    norm = normalisation(cfg)
     aug = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), brightness=cfg.color_jitter,
                         contrast=cfg.color_jitter, saturation=cfg.color_jitter,
                         hue=0.15 * cfg.color_jitter)

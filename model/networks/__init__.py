@@ -5,13 +5,21 @@ Every model takes float NHWC images (already normalised) and exposes
   head(feats) -> logits (B, num_classes), float32
   __call__(x) = head(features(x))
 BatchNorm/Dropout follow NNX modes: model.train() / model.eval().
+ImageNet weights: imagenet.load_imagenet(model, arch).
 """
 from flax import nnx
 
+from .efficientnet_lite import efficientnet_lite0, efficientnet_lite2
+from .resnet import resnet18, resnet34, resnet50
 from .simple_cnn import SimpleCNN
 
 ARCHITECTURES = {
     "simple_cnn": SimpleCNN,
+    "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite2": efficientnet_lite2,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
 }
 
 
