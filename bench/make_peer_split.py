@@ -7,6 +7,7 @@ lesionlens with `--split_file` on the same file makes the two validation sets id
 comparison in the README is like for like.
 """
 import csv
+import os
 import importlib.util
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def main(ham: str, out: str, frac: float = 0.15, seed: int = 0):
         writer = csv.writer(f)
         writer.writerow(["path", "split", "dx", "group"])
         for m in meta:
-            writer.writerow([f"{ham}/images/{m['image_id']}.jpg", "val" if m["image_id"] in val_ids else "train",
+            # Paths relative to the split file's folder: the labelled-CSV convention `evaluate` reads.
+            image = os.path.relpath(Path(ham) / "images" / f"{m['image_id']}.jpg", Path(out).parent)
+            writer.writerow([image, "val" if m["image_id"] in val_ids else "train",
                              m["dx"], m["lesion_id"]])
     print(f"wrote {out}: {len(train)} train, {len(val)} val images")
 
