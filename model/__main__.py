@@ -5,6 +5,7 @@
     python -m model predict   --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
+    python -m model calibrate --checkpoint DIR --csv split.csv --split val
     python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
 """
 import argparse
@@ -48,6 +49,21 @@ def cmd_split(args):
     assignment = make_split(records, labels, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
     write_split(args.out, records, assignment)
     print(f"wrote {args.out}: " + ", ".join(f"{s} {int((assignment == s).sum())}" for s in ("train", "val", "test")))
+
+
+def cmd_calibrate(args):
+    import numpy as np
+    from .calibration import calibrate
+    from .data import load_dataset, select_task
+    from .images import build_cache, default_cache_dir
+    from .predictor import Predictor
+    from .train import Split
+    predictor = Predictor.load(args.checkpoint)
+    records, labels, classes = select_task(load_dataset(args.csv, split=args.split), predictor.metadata["task"])
+    labels = np.array([predictor.classes.index(c) for c in classes])[labels]
+    images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
+    result = calibrate(predictor, Split(images, labels, records), predictor.classes)
+    print(json.dumps({k: result[k] for k in ("temperature", "ece_before", "ece_after")}, indent=2))
 
 
 def cmd_info(args):
@@ -96,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test_frac", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_split)
+
+    p = sub.add_parser("calibrate", help="refit temperature and the unusual-image gate on a validation set")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--csv", required=True, help="validation set (e.g. the run's split.csv)")
+    p.add_argument("--split", default="val")
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("--checkpoint", required=True)

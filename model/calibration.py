@@ -9,7 +9,7 @@ import numpy as np
 
 from . import checkpoint, metrics
 
-OOD_PASS_RATE = 0.975  # the issue asks >= 95% of validation lesions to pass; keep a margin
+OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 
 
 def ood_statistics(pooled: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -40,7 +40,12 @@ def calibrate(predictor, val, classes) -> dict:
     ood = ood_statistics(pooled, val.labels, len(classes))
     predictor.metadata["ood"] = ood
     ood["threshold"] = float(np.quantile(predictor.ood_score(pooled), OOD_PASS_RATE))
-    ood["validation_pass_rate"] = OOD_PASS_RATE
+    # Feature distance alone misses images that land near the feature mean (flat colour, text):
+    # those get near-uniform predictions, so a high-entropy gate catches them. Each gate keeps
+    # OOD_PASS_RATE of validation lesions, so together at least 95% pass.
+    ood["entropy_threshold"] = float(np.quantile(predictor.normalised_entropy(probs), OOD_PASS_RATE))
+    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(predictor.ood_score(pooled),
+                                                                         predictor.normalised_entropy(probs))))
 
     predictor.metadata.update(temperature=temperature, ood=ood)
     predictor.metadata["metrics"] = {**predictor.metadata.get("metrics", {}), "val": metrics.to_jsonable(after)}

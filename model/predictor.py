@@ -114,17 +114,23 @@ class Predictor:
         d = ((pooled[:, None, :] - means[None]) ** 2 / var).mean(axis=2)
         return d.min(axis=1)
 
-    def ood_threshold(self) -> float:
-        return float(self.metadata.get("ood", {}).get("threshold", np.inf))
+    def normalised_entropy(self, probs: np.ndarray) -> np.ndarray:
+        """Predictive entropy in [0, 1] (1 = uniform over the classes)."""
+        return -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(axis=1) / np.log(len(self.classes))
+
+    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray) -> np.ndarray:
+        """True where the image is far from the training features or gets a near-uniform prediction."""
+        gate = self.metadata.get("ood", {})
+        return (ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
 
     def analyse(self, images) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
         logits, pooled = self.forward_arrays(self.prepare(images))
         probs = self.probabilities(logits)
         ood = self.ood_score(pooled)
-        entropy = -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(axis=1) / np.log(len(self.classes))
+        entropy = self.normalised_entropy(probs)
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
-                "unusual": ood > self.ood_threshold(), "entropy": entropy}
+                "unusual": self.flag_unusual(ood, entropy), "entropy": entropy}
 
     # --- explanations ---
     def explain(self, image, method: str = "gradcam", class_index: int | None = None, **kwargs) -> np.ndarray:
