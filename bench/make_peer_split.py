@@ -25,12 +25,13 @@ def main(ham: str, out: str, frac: float = 0.15, seed: int = 0):
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "split", "dx", "group"])
+        # age/sex/localization ride along so `evaluate` can report subgroups from this file alone.
+        writer.writerow(["path", "split", "dx", "group", "age", "sex", "localization"])
         for m in meta:
             # Paths relative to the split file's folder: the labelled-CSV convention `evaluate` reads.
             image = os.path.relpath(Path(ham) / "images" / f"{m['image_id']}.jpg", Path(out).parent)
             writer.writerow([image, "val" if m["image_id"] in val_ids else "train",
-                             m["dx"], m["lesion_id"]])
+                             m["dx"], m["lesion_id"], m["age"], m["sex"], m["localization"]])
     print(f"wrote {out}: {len(train)} train, {len(val)} val images")
 
 
