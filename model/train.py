@@ -193,6 +193,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     replicate((model, optimizer), mesh)
     predictor = Predictor(model, metadata)
     log_path = workdir / "log.jsonl"
+    # The log holds exactly the checkpointed epochs (a kill may land between save and log write).
+    log_path.write_text("".join(json.dumps(row) + "\n" for row in progress["history"]))
 
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
         # Per-epoch seeds: a resumed run draws the same batches as an uninterrupted one.
@@ -229,10 +231,6 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_macro_auc": val_metrics["macro_auc"]}
         progress["history"].append(row)
         progress["epoch"] = epoch
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-        report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
         # --- checkpoint: best first, then latest, so a crash in between never loses the best ---
         if val_metrics["balanced_accuracy"] > progress["best_balanced_accuracy"]:
@@ -240,6 +238,11 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             progress["best_epoch"] = epoch
             checkpoint.save(workdir / "best", epoch, model, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics}})
         checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress)
+        # Logged after the checkpoint: a run killed in between redoes this epoch and logs it once.
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
     return finalize(cfg, workdir, val, classes)
 
