@@ -6,6 +6,7 @@
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
     python -m model calibrate --checkpoint DIR --csv split.csv --split val
+    python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
 """
 import argparse
@@ -51,19 +52,42 @@ def cmd_split(args):
     print(f"wrote {args.out}: " + ", ".join(f"{s} {int((assignment == s).sum())}" for s in ("train", "val", "test")))
 
 
-def cmd_calibrate(args):
+def _labelled_split(predictor, csv, split):
+    """Records, labels (in the checkpoint's class order) and cached images of one split of a labelled set."""
     import numpy as np
-    from .calibration import calibrate
     from .data import load_dataset, select_task
     from .images import build_cache, default_cache_dir
-    from .predictor import Predictor
     from .train import Split
-    predictor = Predictor.load(args.checkpoint)
-    records, labels, classes = select_task(load_dataset(args.csv, split=args.split), predictor.metadata["task"])
+    records, labels, classes = select_task(load_dataset(csv, split=split), predictor.metadata["task"])
     labels = np.array([predictor.classes.index(c) for c in classes])[labels]
     images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
-    result = calibrate(predictor, Split(images, labels, records), predictor.classes)
+    return Split(images, labels, records)
+
+
+def cmd_calibrate(args):
+    from .calibration import calibrate
+    from .predictor import Predictor
+    predictor = Predictor.load(args.checkpoint)
+    result = calibrate(predictor, _labelled_split(predictor, args.csv, args.split), predictor.classes)
     print(json.dumps({k: result[k] for k in ("temperature", "ece_before", "ece_after")}, indent=2))
+
+
+def cmd_fuse(args):
+    from .calibration import calibrate, fit_clinical_fusion
+    from .predictor import Predictor
+    from .train import evaluate_split
+    from .train_step import class_weights
+    predictor = Predictor.load(args.checkpoint)
+    train = _labelled_split(predictor, args.csv, "train")
+    val = _labelled_split(predictor, args.csv, "val")
+    predictor.metadata.pop("clinical_fusion", None)
+    image_only, _ = evaluate_split(predictor, val, predictor.classes, n_bootstrap=0)
+    weighting = predictor.metadata.get("training", {}).get("config", {}).get("class_weighting", "sqrt")
+    fit_clinical_fusion(predictor, train, class_weights(train.labels, len(predictor.classes), weighting))
+    fused = calibrate(predictor, val, predictor.classes)["val"]
+    keys = ("balanced_accuracy", "macro_auc", "malignant_auc", "ece")
+    print(json.dumps({"image_only": {k: image_only[k] for k in keys},
+                      "with_clinical": {k: fused[k] for k in keys}}, indent=2))
 
 
 def cmd_info(args):
@@ -118,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="validation set (e.g. the run's split.csv)")
     p.add_argument("--split", default="val")
     p.set_defaults(run=cmd_calibrate)
+
+    p = sub.add_parser("fuse", help="fit age/sex/site fusion on a split's train rows, recalibrate on its val rows")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--csv", required=True, help="split file with a `split` column (train/val) and metadata")
+    p.set_defaults(run=cmd_fuse)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("--checkpoint", required=True)

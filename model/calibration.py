@@ -3,11 +3,13 @@
 - temperature scaling (Guo et al. 2017): probabilities that mean what they say;
 - an out-of-distribution threshold on the predictor's feature distance, set so that
   OOD_PASS_RATE of validation lesions pass (the app warns about the rest);
-- per-subgroup metrics (sex, age band, body site) so users see where the model is weaker.
+- per-subgroup metrics (sex, age band, body site) so users see where the model is weaker;
+- optionally, the clinical-metadata fusion (model/clinical.py), fitted on the training split
+  before the temperature so that the temperature calibrates the fused prediction.
 """
 import numpy as np
 
-from . import checkpoint, metrics
+from . import checkpoint, clinical, metrics
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 
@@ -29,6 +31,7 @@ def subgroups(records) -> dict:
 def calibrate(predictor, val, classes) -> dict:
     """Fit temperature and OOD threshold on the validation split; write them into the best checkpoint."""
     logits, pooled = predictor.forward_arrays(val.images)
+    logits = predictor.with_clinical(logits, val.records)
     before = metrics.classification_metrics(metrics.softmax(logits), val.labels, list(classes), n_bootstrap=0)
     temperature = metrics.fit_temperature(logits, val.labels)
     probs = metrics.softmax(logits, temperature)
@@ -51,3 +54,15 @@ def calibrate(predictor, val, classes) -> dict:
     predictor.metadata["metrics"] = {**predictor.metadata.get("metrics", {}), "val": metrics.to_jsonable(after)}
     checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     return {"val": after, "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"]}
+
+
+def fit_clinical_fusion(predictor, train, class_weights: np.ndarray) -> dict:
+    """Fit age/sex/site fusion on the training split's image logits (plain view); store it in metadata.
+
+    Call `calibrate` afterwards: the temperature and the entropy gate must see the fused logits.
+    """
+    logits = predictor.logits_from_arrays(train.images, tta=False)
+    fusion = clinical.fit_fusion(logits, clinical.encode(train.records), train.labels, class_weights)
+    predictor.metadata["clinical_fusion"] = fusion
+    checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
+    return fusion

@@ -28,6 +28,7 @@ class TrainConfig:
     arch: str = "efficientnet_lite0"
     pretrained: bool = True                # ImageNet initialisation where the arch has it
     dropout: float = 0.2
+    clinical_fusion: bool = False          # also fit age/sex/site fusion after training (model/clinical.py)
     # --- optimisation ---
     epochs: int = 8
     batch_size: int = 48

@@ -24,10 +24,11 @@ def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None
     labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]
     images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
     logits = predictor.logits_from_arrays(images, tta)
-    probs = predictor.probabilities(logits)
+    probs = predictor.probabilities(predictor.with_clinical(logits, records))
     result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap)
     result["subgroups"] = metrics.subgroup_metrics(probs, labels, predictor.classes, subgroups(records))
     result["temperature"] = predictor.metadata.get("temperature", 1.0)
+    result["clinical_fusion"] = predictor.uses_clinical
     result["checkpoint"] = predictor.checkpoint_id
     result["source"] = str(source) + (f" (split {split})" if split else "")
     report.write_report(Path(out), result, probs, labels, predictor.classes,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint
+from . import checkpoint, clinical
 from .classes import full_name, malignant_indices
 from .images import load_image, to_square
 from .preprocess import Normalisation, preprocess
@@ -54,6 +54,11 @@ class Predictor:
         self.norm = Normalisation.from_dict(metadata["normalisation"])
         self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
 
+    @property
+    def uses_clinical(self) -> bool:
+        """True when the checkpoint fuses age, sex and body site with the image (model/clinical.py)."""
+        return bool(self.metadata.get("clinical_fusion"))
+
     @classmethod
     def load(cls, path) -> "Predictor":
         model, metadata = checkpoint.load_model(path)
@@ -88,6 +93,14 @@ class Predictor:
     def logits_from_arrays(self, images_u8, tta=None) -> np.ndarray:
         return self.forward_arrays(images_u8, tta)[0]
 
+    def with_clinical(self, logits: np.ndarray, people=None) -> np.ndarray:
+        """Logits shifted by age/sex/site where the checkpoint fuses them; `people`: objects with
+        .age/.sex/.site (data.Record), one per row, or None when nothing is known (missing values)."""
+        if not self.uses_clinical:
+            return logits
+        features = clinical.encode(people) if people is not None else np.tile(clinical.encode_one(), (len(logits), 1))
+        return clinical.fuse(logits, features, self.metadata["clinical_fusion"])
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Softmax with the temperature fitted on validation (1.0 until calibrated)."""
         z = logits / float(self.metadata.get("temperature", 1.0))
@@ -95,8 +108,8 @@ class Predictor:
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
-    def predict(self, images, tta=None) -> np.ndarray:
-        return self.probabilities(self.logits_from_arrays(self.prepare(images), tta))
+    def predict(self, images, tta=None, people=None) -> np.ndarray:
+        return self.probabilities(self.with_clinical(self.logits_from_arrays(self.prepare(images), tta), people))
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, malignant_indices(self.classes)].sum(axis=1)
@@ -123,10 +136,10 @@ class Predictor:
         gate = self.metadata.get("ood", {})
         return (ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
 
-    def analyse(self, images) -> dict:
+    def analyse(self, images, people=None) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
         logits, pooled = self.forward_arrays(self.prepare(images))
-        probs = self.probabilities(logits)
+        probs = self.probabilities(self.with_clinical(logits, people))
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,

@@ -19,7 +19,8 @@ import numpy as np
 from .errors import UserError
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ("path", "split", "dx", "group")
+COLUMNS = ("path", "split", "dx", "group")         # required when reading a split back
+CLINICAL_COLUMNS = ("age", "sex", "localization")  # written too; read by data.read_labelled_csv
 
 
 def file_hash(path: str) -> str:
@@ -136,7 +137,10 @@ def make_split(records, labels, *, val_frac: float = 0.15, test_frac: float = 0.
 
 
 def write_split(path, records, assignment, groups=None) -> Path:
-    """Write `path,split,dx,group` rows (one per record) to a CSV, atomically."""
+    """Write `path,split,dx,group,age,sex,localization` rows (one per record) to a CSV, atomically.
+
+    The clinical columns let `evaluate` report subgroups and `fuse` fit on a run's own split.
+    """
     if len(assignment) != len(records):
         raise ValueError(f"{len(records)} records but {len(assignment)} split values")
     bad = sorted(set(map(str, assignment)) - set(SPLITS))
@@ -149,9 +153,9 @@ def write_split(path, records, assignment, groups=None) -> Path:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(COLUMNS)
+        w.writerow(COLUMNS + CLINICAL_COLUMNS)
         for r, s, g in zip(records, assignment, groups):
-            w.writerow([r.path, str(s), r.dx, g])
+            w.writerow([r.path, str(s), r.dx, g, "" if r.age is None else r.age, r.sex or "", r.site or ""])
     os.replace(tmp, path)
     return path
 

@@ -139,8 +139,8 @@ def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
-    logits = predictor.logits_from_arrays(split.images, tta)
-    probs = metrics.softmax(logits)
+    logits = predictor.with_clinical(predictor.logits_from_arrays(split.images, tta), split.records)
+    probs = predictor.probabilities(logits)  # with the temperature once calibrated
     return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap), logits
 
 
@@ -244,14 +244,19 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         print(json.dumps(row), flush=True)
         report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
-    return finalize(cfg, workdir, val, classes)
+    return finalize(cfg, workdir, train, val, classes)
 
 
-def finalize(cfg: TrainConfig, workdir: Path, val: Split, classes) -> dict:
-    """Calibrate the best model on validation, store calibration with it, evaluate external sets."""
-    from .calibration import calibrate  # noqa: PLC0415
+def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:
+    """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
+    from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
     predictor = Predictor.load(workdir / "best")
+    if cfg.clinical_fusion:
+        image_only, _ = evaluate_split(predictor, val, classes, n_bootstrap=0)
+        fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
     result = calibrate(predictor, val, classes)
+    if cfg.clinical_fusion:
+        result["image_only_val"] = {k: image_only[k] for k in ("balanced_accuracy", "macro_auc", "malignant_auc")}
     result["external"] = {}
     for spec in cfg.external_eval:
         records, labels, ext_classes = load_labelled(spec, cfg.task)
