@@ -1,6 +1,6 @@
 """Model registry: every network is chosen by name and built from its config alone.
 
-Every model takes float NHWC images (already normalised) and exposes
+Every model (a networks.base.Classifier) takes float NHWC images (already normalised) and exposes
   features(x) -> last conv feature map (B, h, w, C)   (Grad-CAM reads this)
   head(feats) -> logits (B, num_classes), float32
   __call__(x) = head(features(x))

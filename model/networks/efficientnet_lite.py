@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .base import Classifier
+
 # One row per stage, from efficientnet/lite/efficientnet_lite_builder.py:
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters)
 BASE_STAGES = (
@@ -274,7 +276,7 @@ class MBConv(nnx.Module):
         return x + self.drop_path(y) if self.skip else y
 
 
-class EfficientNetLite(nnx.Module):
+class EfficientNetLite(Classifier):
     """Stem conv, 16 (lite0) or 21 (lite2) MBConv blocks, 1x1 head conv to 1280, pool, linear."""
 
     def __init__(self, num_classes: int, *, variant: str = "lite0", dropout: float = 0.2,
@@ -290,8 +292,7 @@ class EfficientNetLite(nnx.Module):
             for i, spec in enumerate(specs)
         ])
         self.head_conv = ConvBN(specs[-1][-1], HEAD_FILTERS, 1, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.classifier = nnx.Linear(HEAD_FILTERS, num_classes, dtype=dtype, rngs=rngs)
+        self.init_head(HEAD_FILTERS, num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
     def features(self, x):
         """Head conv output (B, h, w, 1280) after ReLU6: what Grad-CAM looks at."""
@@ -299,13 +300,6 @@ class EfficientNetLite(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head_conv(x)
-
-    def head(self, feats):
-        pooled = feats.mean(axis=(1, 2))
-        return self.classifier(self.dropout(pooled)).astype(jnp.float32)
-
-    def __call__(self, x):
-        return self.head(self.features(x))
 
 
 def efficientnet_lite0(num_classes: int, *, dropout: float = DEFAULT_DROPOUT["lite0"], **config):

@@ -6,6 +6,8 @@ ResNet-50 is torchvision's "v1.5": the stride-2 of a bottleneck sits on its 3x3 
 import jax.numpy as jnp
 from flax import nnx
 
+from .base import Classifier
+
 # PyTorch's BatchNorm2d defaults: its momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -71,7 +73,7 @@ DEPTHS = {
 STAGE_PLANES = (64, 128, 256, 512)
 
 
-class ResNet(nnx.Module):
+class ResNet(Classifier):
     """7x7/2 stem, 3x3/2 max-pool, four stages (the first block of stages 2-4 strides 2), pool, linear."""
 
     def __init__(self, num_classes: int, *, depth: int = 50, dropout: float = 0.0, dtype=jnp.float32,
@@ -88,8 +90,7 @@ class ResNet(nnx.Module):
                 cin = planes * block.expansion
             stages.append(nnx.List(stage))
         self.stages = nnx.List(stages)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.classifier = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+        self.init_head(cin, num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
     def features(self, x):
         """Last stage output (B, h, w, 512 or 2048) after ReLU: what Grad-CAM looks at."""
@@ -100,13 +101,6 @@ class ResNet(nnx.Module):
             for block in stage:
                 x = block(x)
         return x
-
-    def head(self, feats):
-        pooled = feats.mean(axis=(1, 2))
-        return self.classifier(self.dropout(pooled)).astype(jnp.float32)
-
-    def __call__(self, x):
-        return self.head(self.features(x))
 
 
 def resnet18(num_classes: int, **config):

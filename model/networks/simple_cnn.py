@@ -1,7 +1,8 @@
 """The compact CNN this tool started from: four conv + batch-norm stages, trained from scratch."""
-import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .base import Classifier
 
 
 class ConvBlock(nnx.Module):
@@ -13,7 +14,7 @@ class ConvBlock(nnx.Module):
         return nnx.relu(self.bn(self.conv(x)))
 
 
-class SimpleCNN(nnx.Module):
+class SimpleCNN(Classifier):
     """conv-bn-relu x2 per stage, max-pool between stages, global average pool, dropout, linear."""
 
     def __init__(self, num_classes: int, *, widths=(32, 64, 128, 256), dropout: float = 0.3,
@@ -23,8 +24,7 @@ class SimpleCNN(nnx.Module):
             nnx.List([ConvBlock(cin, cout, dtype=dtype, rngs=rngs), ConvBlock(cout, cout, dtype=dtype, rngs=rngs)])
             for cin, cout in zip(chans[:-1], chans[1:])
         ])
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.classifier = nnx.Linear(widths[-1], num_classes, dtype=dtype, rngs=rngs)
+        self.init_head(widths[-1], num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
     def features(self, x):
         """Last convolutional feature map (B, h, w, C): what Grad-CAM looks at."""
@@ -34,10 +34,3 @@ class SimpleCNN(nnx.Module):
             for block in stage:
                 x = block(x)
         return x
-
-    def head(self, feats):
-        pooled = feats.mean(axis=(1, 2))
-        return self.classifier(self.dropout(pooled)).astype(jnp.float32)
-
-    def __call__(self, x):
-        return self.head(self.features(x))
