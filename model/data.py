@@ -167,6 +167,11 @@ def _label_notes(records: list[Record]) -> list[str]:
     return [f"{sum(odd.values())} images have labels no task uses: {listed}; select_task will drop them"]
 
 
+def _read_notes(records: list[Record], missing: Counter, problems: list[tuple]) -> list[str]:
+    """A reader's notes: each (count or list, message) whose count is non-zero, then missing metadata and odd labels."""
+    return [message for count, message in problems if count] + _missing_notes(missing, len(records)) + _label_notes(records)
+
+
 def _examples(items, k: int = 3) -> str:
     items = list(items)
     more = f", ... (+{len(items) - k})" if len(items) > k else ""
@@ -225,21 +230,15 @@ def read_isic_metadata(csv_path, image_dir=None) -> Dataset:
         seen.add(image_id)
         records.append(Record(str(path), canonical_label(dx), **_metadata_fields(row, cols, missing)))
 
-    notes = []
-    if no_image:
-        notes.append(f"{len(no_image)} rows have no image file under {image_dir} (e.g. {_examples(no_image)})")
     orphans = sorted(set(by_stem) - seen)
-    if orphans:
-        notes.append(f"{len(orphans)} images under {image_dir} have no row in {csv_path.name} (e.g. {_examples(orphans)})")
-    if no_label:
-        notes.append(f"{no_label} rows have an empty image_id or dx and were skipped")
-    if repeated:
-        notes.append(f"{repeated} rows repeat an image_id already read and were skipped")
-    if duplicate_files:
-        notes.append(f"{duplicate_files} image files share a name with another under {image_dir}; the first (sorted) was used")
-    if derived:
-        notes.append(f"ignored {derived} segmentation/mask files")
-    notes += _missing_notes(missing, len(records)) + _label_notes(records)
+    notes = _read_notes(records, missing, [
+        (no_image, f"{len(no_image)} rows have no image file under {image_dir} (e.g. {_examples(no_image)})"),
+        (orphans, f"{len(orphans)} images under {image_dir} have no row in {csv_path.name} (e.g. {_examples(orphans)})"),
+        (no_label, f"{no_label} rows have an empty image_id or dx and were skipped"),
+        (repeated, f"{repeated} rows repeat an image_id already read and were skipped"),
+        (duplicate_files, f"{duplicate_files} image files share a name with another under {image_dir}; "
+                          "the first (sorted) was used"),
+        (derived, f"ignored {derived} segmentation/mask files")])
     if not records:
         raise UserError(f"{csv_path}: no row matched an image file under {image_dir} "
                         f"({len(rows)} rows, {len(by_stem)} images found). Pass the folder holding "
@@ -342,12 +341,9 @@ def read_labelled_csv(csv_path, split=None) -> Dataset:
             no_file.append(rel)
             continue
         records.append(Record(str(path), canonical_label(dx), **_metadata_fields(row, cols, missing)))
-    notes = []
-    if no_file:
-        notes.append(f"{len(no_file)} rows point at missing files (e.g. {_examples(no_file)})")
-    if no_label:
-        notes.append(f"{no_label} rows have an empty path or label and were skipped")
-    notes += _missing_notes(missing, len(records)) + _label_notes(records)
+    notes = _read_notes(records, missing, [
+        (no_file, f"{len(no_file)} rows point at missing files (e.g. {_examples(no_file)})"),
+        (no_label, f"{no_label} rows have an empty path or label and were skipped")])
     if not records:
         raise UserError(f"{csv_path}: none of the {len(rows)} rows points at an existing image file "
                         f"(paths are relative to {base}; e.g. {_examples(no_file)}).")
