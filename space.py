@@ -4,7 +4,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from app.__main__ import parse_auth
-from app.handlers import warm_up
+from app.services import warm_up
 from app.store import CaseStore
 from app.ui import build_demo, launch_kwargs
 from model.predictor import Predictor

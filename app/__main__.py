@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from .handlers import warm_up
+    from .services import warm_up
     from .store import CaseStore
     from .ui import build_demo, launch_kwargs
     try:

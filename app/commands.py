@@ -1,7 +1,9 @@
-"""Chat follow-up commands: free text -> a small, explicit `Command`.
+"""Chat text -> small, explicit values: follow-up commands and the clinical data in a note.
 
     parse_command("why not nevus?", classes, class_names)
     -> Command(kind="why_not", class_index=5)
+    parse_clinical("55 year old man, back")
+    -> Clinical(age=55.0, sex="male", site="back")
 
 Kinds: "help", "method" (show another saliency method), "explain" (overlay for one class),
 "why_not" (overlay + probability for a class the model did not pick), "unknown", "empty".
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from model.clinical import SITES
 
 # Method key the predictor understands -> phrases people type (longest first matters: "gradients"
 # must not win over "integrated gradients").
@@ -127,3 +131,89 @@ def help_text(classes, class_names) -> str:
         "Drop one or more images (with an optional note: age, body site...) to start a new case.\n\n"
         f"Classes: {examples}."
     )
+
+
+# ------------------------------------------------------------------ clinical data in a note
+# Conservative on purpose: a value the parser is not sure of stays unknown (the model treats
+# it as missing), which is better than feeding it a wrong one.
+AGE_UNIT = r"(?:y|yo|y/o|y\.o\.|yr|yrs|year|years)(?:[\s-]*old)?"
+AGE_PATTERNS = (
+    re.compile(rf"(?<![\d.])(\d{{1,3}})\s*-?\s*{AGE_UNIT}(?![a-z])"),   # 55 y, 70yo, 62-year-old
+    re.compile(r"\bage[d]?\s*[:=]?\s*(\d{1,3})(?![\d.])"),           # age 62, aged: 40
+)
+# "for 2 years", "3 years ago": a duration, not an age.
+DURATION_BEFORE = re.compile(r"\b(?:for|since|over|past|last|in|within|after|every|about)\s*$")
+SEX_WORDS = {"male": "male", "man": "male", "female": "female", "woman": "female"}
+SEX_LETTERS = {"M": "male", "F": "female"}   # upper case only: "3 m" is metres or months
+SEX_NEXT_TO_NUMBER = re.compile(
+    r"(?<![A-Za-z'’])(M|F|male|female|man|woman)\s*(\d{1,3})(?![\d.]|\s*(?:mm|cm|%))"
+    r"|(?<![\d.])(\d{1,3})\s*(M|F)(?![A-Za-z'’])", re.IGNORECASE)
+# Whole words or phrases -> a HAM10000 site (model.clinical.SITES); only unambiguous ones.
+SITE_SYNONYMS = {
+    "lower extremity": ("leg", "legs", "lower leg", "thigh", "thighs", "shin", "calf", "knee",
+                        "lower limb"),
+    "upper extremity": ("arm", "arms", "upper arm", "forearm", "elbow", "upper limb"),
+    "acral": ("palm", "palms", "sole", "soles"),
+    "foot": ("feet",),
+    "hand": ("hands",),
+    "face": ("cheek", "nose", "forehead"),
+    "abdomen": ("belly",),
+    "trunk": ("torso",),
+}
+
+
+@dataclass(frozen=True)
+class Clinical:
+    """Age, sex and body site from a note; None where the note does not say (model: missing)."""
+    age: float | None = None
+    sex: str | None = None    # "female" or "male"
+    site: str | None = None   # one of model.clinical.SITES
+
+    @property
+    def known(self) -> dict:
+        return {k: v for k, v in (("age", self.age), ("sex", self.sex), ("site", self.site))
+                if v is not None}
+
+
+def _one(values: set):
+    """The value when the note names exactly one; contradictions stay unknown."""
+    return next(iter(values)) if len(values) == 1 else None
+
+
+def _sex_of(token: str) -> str | None:
+    return SEX_LETTERS.get(token) if len(token) == 1 else SEX_WORDS.get(token.lower())
+
+
+def find_age(text: str) -> float | None:
+    lower = text.lower()
+    ages = set()
+    for pattern in AGE_PATTERNS:
+        for m in pattern.finditer(lower):
+            if pattern is AGE_PATTERNS[0] and (DURATION_BEFORE.search(lower[:m.start()])
+                                               or re.match(r"\s*ago\b", lower[m.end():])):
+                continue
+            ages.add(float(m.group(1)))
+    for m in SEX_NEXT_TO_NUMBER.finditer(text):   # "F 40", "male 62", "40F"
+        sex, number = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
+        if _sex_of(sex):
+            ages.add(float(number))
+    return _one({a for a in ages if 0 <= a <= 120})
+
+
+def find_sex(text: str) -> str | None:
+    tokens = re.findall(r"(?<![A-Za-z'’])[A-Za-z]+(?![A-Za-z'’])", text)
+    return _one({s for s in map(_sex_of, tokens) if s})
+
+
+def find_site(text: str) -> str | None:
+    norm = _norm(text.replace("-", " "))
+    phrases = {site: (site, *SITE_SYNONYMS.get(site, ())) for site in SITES}
+    return _one({site for site, words in phrases.items()
+                 if any(_has_phrase(norm, w) for w in words)})
+
+
+def parse_clinical(text: str | None) -> Clinical:
+    """Age (a number with y/yo/years/year-old, or after "age"), sex (male/man/M,
+    female/woman/F as whole words) and body site (model.clinical.SITES and a few synonyms)."""
+    text = text or ""
+    return Clinical(age=find_age(text), sex=find_sex(text), site=find_site(text))

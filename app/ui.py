@@ -1,4 +1,5 @@
-"""Gradio Blocks for LesionLens: layout and event wiring only; the logic is in `handlers`.
+"""Gradio Blocks for LesionLens: layout and event wiring only; the logic is in the handler
+modules (`analysis`, `chat`, `compare`, `history`, `model_card`).
 
     demo = build_demo(Predictor.load("checkpoints/default"), CaseStore("history/cases.db"))
     demo.launch(**launch_kwargs())
@@ -21,8 +22,12 @@ import pandas as pd
 
 from model.errors import UserError
 
-from . import handlers as h
+from . import chat, compare
+from . import history as hist   # `history` is the chat's message list below
+from .analysis import classify_api, classify_path
 from .commands import METHOD_LABELS
+from .model_card import model_card_markdown
+from .services import DEFAULT_ALPHA, Services, user_of
 
 log = logging.getLogger("lesionlens")
 
@@ -70,27 +75,27 @@ def _user_error(fn):
 
 
 def build_demo(predictor, store) -> gr.Blocks:
-    ctx = h.Services(predictor, store)
+    ctx = Services(predictor, store)
     atexit.register(shutil.rmtree, ctx.tmp_dir, ignore_errors=True)
     names = dict(zip(predictor.classes, predictor.class_names))
 
     # ---------------------------------------------------------------- handlers (thin wrappers)
     def chat_add(message, history):
-        history, pending = h.chat_add(message, history)
+        history, pending = chat.chat_add(message, history)
         return history, pending, gr.MultimodalTextbox(value=None, interactive=False)
 
     def chat_respond(pending, history, state, request: gr.Request):
-        yield from h.chat_respond(ctx, pending, history, state, h.user_of(request))
+        yield from chat.chat_respond(ctx, pending, history, state, user_of(request))
 
     def unlock():
         return gr.MultimodalTextbox(interactive=True)
 
     @_user_error
     def classify(path, request: gr.Request):
-        return h.classify_api(ctx, path, h.user_of(request))
+        return classify_api(ctx, path, user_of(request))
 
     def refresh_case_list(current, chat_state, request: gr.Request):
-        choices = h.case_choices(ctx, h.user_of(request))
+        choices = compare.case_choices(ctx, user_of(request))
         ids = [v for _, v in choices]
         want = current if current in ids else (chat_state or {}).get("case_id")
         value = want if want in ids else (ids[0] if ids else None)
@@ -100,32 +105,32 @@ def build_demo(predictor, store) -> gr.Blocks:
     def compare_upload(path, request: gr.Request):
         if not path:
             return gr.Dropdown()
-        user = h.user_of(request)
-        case, _, _ = h.classify_path(ctx, path, user=user, note="uploaded in Compare")
-        return gr.Dropdown(choices=h.case_choices(ctx, user), value=case.id)
+        user = user_of(request)
+        case, _, _ = classify_path(ctx, path, user=user, note="uploaded in Compare")
+        return gr.Dropdown(choices=compare.case_choices(ctx, user), value=case.id)
 
     @_user_error
     def compare_run(case_id, mode, methods, classes, alpha, request: gr.Request):
-        user = h.user_of(request)
-        state = h.compare_compute(ctx, case_id, mode, methods, classes, user)
-        gallery, slider, files = h.compare_render(ctx, state, alpha, None, user)
+        user = user_of(request)
+        state = compare.compare_compute(ctx, case_id, mode, methods, classes, user)
+        gallery, slider, files = compare.compare_render(ctx, state, alpha, None, user)
         captions = [c for c, _ in state["items"]]
         return (state, gallery, slider, files,
                 gr.Dropdown(choices=captions, value=captions[0] if captions else None))
 
     def compare_reblend(state, alpha, pick, request: gr.Request):
-        return h.compare_render(ctx, state, alpha, pick, h.user_of(request))
+        return compare.compare_render(ctx, state, alpha, pick, user_of(request))
 
     @_user_error
     def history_search(query, cls, date_from, date_to, request: gr.Request):
-        cases = h.history_cases(ctx, h.user_of(request), query, cls, date_from, date_to)
-        table = pd.DataFrame(h.history_table(ctx, cases), columns=h.HISTORY_COLUMNS)
+        cases = hist.history_cases(ctx, user_of(request), query, cls, date_from, date_to)
+        table = pd.DataFrame(hist.history_table(ctx, cases), columns=hist.HISTORY_COLUMNS)
         return table, f"{len(cases)} case{'s' if len(cases) != 1 else ''}"
 
     def history_select(evt: gr.SelectData, request: gr.Request):
         row = evt.row_value or []
         case_id = int(row[0]) if row and str(row[0]).isdigit() else None
-        thumb, md = h.case_details(ctx, case_id, h.user_of(request))
+        thumb, md = hist.case_details(ctx, case_id, user_of(request))
         return case_id, thumb, md, gr.Row(visible=False)
 
     def ask_delete(case_id):
@@ -134,26 +139,26 @@ def build_demo(predictor, store) -> gr.Blocks:
         return gr.Row(visible=True), f"Delete case #{case_id} and its image? This cannot be undone."
 
     def do_delete(case_id, request: gr.Request):
-        ok = ctx.store.delete_case(int(case_id), user=h.user_of(request)) if case_id else False
+        ok = ctx.store.delete_case(int(case_id), user=user_of(request)) if case_id else False
         gr.Info(f"Case #{case_id} deleted." if ok else f"Case #{case_id} was already gone.")
         return None, None, "Select a row to see the case.", gr.Row(visible=False)
 
     def open_in_chat(case_id, history, request: gr.Request):
         if not case_id:
             raise gr.Error("Select a case in the table first.", print_exception=False)
-        history, state = h.open_case_in_chat(ctx, case_id, history, h.user_of(request))
+        history, state = chat.open_case_in_chat(ctx, case_id, history, user_of(request))
         return history, state, gr.Tabs(selected="chat")
 
     def open_in_compare(case_id, request: gr.Request):
         if not case_id:
             raise gr.Error("Select a case in the table first.", print_exception=False)
-        choices = h.case_choices(ctx, h.user_of(request))
+        choices = compare.case_choices(ctx, user_of(request))
         return gr.Dropdown(choices=choices, value=int(case_id)), gr.Tabs(selected="compare")
 
     @_user_error
     def export(kind, query, cls, date_from, date_to, request: gr.Request):
-        cases = h.history_cases(ctx, h.user_of(request), query, cls, date_from, date_to)
-        return gr.File(value=h.export_history(ctx, kind, cases), visible=True)
+        cases = hist.history_cases(ctx, user_of(request), query, cls, date_from, date_to)
+        return gr.File(value=hist.export_history(ctx, kind, cases), visible=True)
 
     def export_csv_fn(query, cls, date_from, date_to, request: gr.Request):
         return export("csv", query, cls, date_from, date_to, request)
@@ -197,12 +202,12 @@ def build_demo(predictor, store) -> gr.Blocks:
                                          ("Several classes", "classes")], value="methods",
                                         label="Compare")
                         methods = gr.CheckboxGroup([(v, k) for k, v in METHOD_LABELS.items()],
-                                                   value=list(h.COMPARE_METHODS), label="Methods")
+                                                   value=list(compare.COMPARE_METHODS), label="Methods")
                         classes = gr.CheckboxGroup(
                             [(n, c) for c, n in names.items()], label="Classes",
                             info="For “several classes”: heat map of the first ticked method "
                                  "for each class (default: the predicted class).")
-                        alpha = gr.Slider(0.0, 1.0, value=h.DEFAULT_ALPHA, step=0.05,
+                        alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05,
                                           label="Overlay opacity (all panels)")
                         run = gr.Button("Compare", variant="primary")
                     with gr.Column(scale=3):
@@ -227,7 +232,7 @@ def build_demo(predictor, store) -> gr.Blocks:
                 with gr.Row():
                     count = gr.Markdown()
                     search = gr.Button("Search", size="sm", scale=0, min_width=120)
-                table = gr.Dataframe(headers=h.HISTORY_COLUMNS, interactive=False, wrap=True,
+                table = gr.Dataframe(headers=hist.HISTORY_COLUMNS, interactive=False, wrap=True,
                                      max_height=420, elem_id="history-table")
                 with gr.Row():
                     with gr.Column(scale=1, min_width=180):
@@ -248,7 +253,7 @@ def build_demo(predictor, store) -> gr.Blocks:
                 export_file = gr.File(label="Export", interactive=False, visible=False)
 
             with gr.Tab("Model", id="model"):
-                gr.Markdown(h.model_card_markdown(predictor))
+                gr.Markdown(model_card_markdown(predictor))
 
         # Programmatic endpoint (gradio_client): invisible, callable as api_name="classify".
         with gr.Row(visible=False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -193,15 +194,15 @@ def predictor(tiny_checkpoint):
 
 @pytest.fixture
 def ctx(predictor, tmp_path):
-    from app.handlers import Services
+    from app.services import Services
     from app.store import CaseStore
     return Services(predictor, CaseStore(tmp_path / "history" / "cases.db"), tmp_dir=tmp_path / "tmp")
 
 
 def _chat(ctx, text="", files=(), state=None, history=None, user=""):
-    from app import handlers as h
-    history, pending = h.chat_add({"text": text, "files": [str(f) for f in files]}, history)
-    *_, (history, state) = h.chat_respond(ctx, pending, history, state or {}, user)
+    from app.chat import chat_add, chat_respond
+    history, pending = chat_add({"text": text, "files": [str(f) for f in files]}, history)
+    *_, (history, state) = chat_respond(ctx, pending, history, state or {}, user)
     return history, state
 
 
@@ -217,14 +218,14 @@ def _assistant_images(history):
 
 # ------------------------------------------------------------------ handlers, no server
 def test_chat_reply_has_top3_malignancy_overlay_and_caveat(ctx):
-    from app import handlers as h
+    from app.services import DISPLAY_MIN_SIDE
     history, state = _chat(ctx, "54 y, left shoulder", [SAMPLE])
     (reply,) = _assistant_texts(history)
     names = ctx.predictor.class_names
     assert sum(n in reply for n in names) == 3                  # top-3 with full names
     assert "Malignant vs benign" in reply and "not a medical device" in reply.lower()
     (png,) = _assistant_images(history)
-    assert max(Image.open(png).size) == h.DISPLAY_MIN_SIDE     # 200 px sample, enlarged
+    assert max(Image.open(png).size) == DISPLAY_MIN_SIDE       # 200 px sample, enlarged
     case = ctx.store.get_case(state["case_id"])
     assert case.note == "54 y, left shoulder" and case.filename == SAMPLE.name
     assert case.checkpoint_id == ctx.predictor.checkpoint_id
@@ -268,7 +269,7 @@ def test_odd_modes_and_exif_rotation_are_analysed(ctx, tmp_path):
 
 
 def test_too_many_files_are_capped_with_a_message(ctx, tmp_path):
-    from app.handlers import MAX_FILES
+    from app.chat import MAX_FILES
     files = []
     for i in range(MAX_FILES + 2):
         f = tmp_path / f"copy{i}.jpg"
@@ -310,45 +311,102 @@ def test_follow_up_without_case_and_other_users_case(ctx):
 
 
 def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
-    from app import handlers as h
-    probs, png = h.classify_api(ctx, str(SAMPLE2), user="ana")
+    from app import compare
+    from app import history as hist
+    from app.analysis import classify_api
+    from model.errors import UserError
+    probs, png = classify_api(ctx, str(SAMPLE2), user="ana")
     assert set(probs) == set(ctx.predictor.class_names)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
     Image.open(png).verify()
     (case,) = ctx.store.list_cases(user="ana")
 
-    state = h.compare_compute(ctx, case.id, "methods", ["gradcam", "gradients"], [], "ana")
-    gallery, (raw, over), files = h.compare_render(ctx, state, 0.3, None, "ana")
+    state = compare.compare_compute(ctx, case.id, "methods", ["gradcam", "gradients"], [], "ana")
+    gallery, (raw, over), files = compare.compare_render(ctx, state, 0.3, None, "ana")
     assert len(gallery) == 2 and raw.shape == over.shape and len(files) == 3
     assert all(Path(f).exists() for f in files)
-    state = h.compare_compute(ctx, case.id, "classes", ["gradcam"], ["mel", "nv", "df"], "ana")
-    gallery, _, _ = h.compare_render(ctx, state, 0.7, state["items"][1][0], "ana")
+    state = compare.compare_compute(ctx, case.id, "classes", ["gradcam"], ["mel", "nv", "df"],
+                                    "ana")
+    gallery, _, _ = compare.compare_render(ctx, state, 0.7, state["items"][1][0], "ana")
     assert [c.split(" · ")[1].split(" (")[0] for _, c in gallery] == \
         ["Melanoma", "Melanocytic nevus", "Dermatofibroma"]
-    with pytest.raises(h.UserError):
-        h.compare_compute(ctx, case.id, "methods", ["gradcam"], [], "bo")   # not bo's case
+    with pytest.raises(UserError):
+        compare.compare_compute(ctx, case.id, "methods", ["gradcam"], [], "bo")   # not bo's case
 
-    rows = h.history_table(ctx, h.history_cases(ctx, "ana", query="nv_ISIC"))
+    rows = hist.history_table(ctx, hist.history_cases(ctx, "ana", query="nv_ISIC"))
     assert rows[0][0] == case.id and rows[0][2] == SAMPLE2.name
-    assert h.history_cases(ctx, "bo") == []
-    assert h.history_cases(ctx, "ana", date_to="2001-01-01") == []
-    with pytest.raises(h.UserError):
-        h.history_cases(ctx, "ana", date_from="last tuesday")
-    thumb, md = h.case_details(ctx, case.id, "ana")
+    assert hist.history_cases(ctx, "bo") == []
+    assert hist.history_cases(ctx, "ana", date_to="2001-01-01") == []
+    with pytest.raises(UserError):
+        hist.history_cases(ctx, "ana", date_from="last tuesday")
+    thumb, md = hist.case_details(ctx, case.id, "ana")
     assert max(thumb.size) <= 128 and f"Case #{case.id}" in md
-    zpath = h.export_history(ctx, "zip", ctx.store.list_cases(user="ana"))
+    zpath = hist.export_history(ctx, "zip", ctx.store.list_cases(user="ana"))
     assert Path(zpath).stat().st_size > 1000
     assert ctx.store.delete_case(case.id, user="ana") and not case.image_path.exists()
 
 
 def test_open_case_in_chat_and_model_card(ctx):
-    from app import handlers as h
+    from app.chat import open_case_in_chat
+    from app.model_card import model_card_markdown
     _, state = _chat(ctx, "", [SAMPLE])
-    history, state2 = h.open_case_in_chat(ctx, state["case_id"], [], "")
+    history, state2 = open_case_in_chat(ctx, state["case_id"], [], "")
     assert state2 == state and _assistant_images(history)
-    card = h.model_card_markdown(ctx.predictor)
+    card = model_card_markdown(ctx.predictor)
     assert "CC BY-NC-SA 4.0" in card and "non-commercial" in card
     assert all(n in card for n in ctx.predictor.class_names)
+    assert "image only; age, sex and body site are **not** used" in card
+
+
+def test_image_only_model_says_the_note_was_not_used(ctx):
+    history, _ = _chat(ctx, "60 year old male, back", [SAMPLE])
+    assert "This model uses the image only" in _assistant_texts(history)[-1]
+    history, _ = _chat(ctx, "growing, 3 mm", [SAMPLE])   # nothing clinical: nothing to say
+    assert "Clinical" not in _assistant_texts(history)[-1]
+    assert "image only" not in _assistant_texts(history)[-1]
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(tiny_checkpoint, synthetic_data_shared, tmp_path_factory) -> Path:
+    """A copy of the tiny checkpoint with age/sex/site fusion fitted by `python -m model fuse`
+    on a lesion-grouped split of the synthetic HAM set (the tiny checkpoint has no run)."""
+    from model.data import load_dataset, select_task
+    from model.splits import make_split, write_split
+    root = tmp_path_factory.mktemp("fused")
+    ckpt = shutil.copytree(tiny_checkpoint, root / "tiny")
+    records, labels, _ = select_task(load_dataset(str(synthetic_data_shared.ham_dir)), "ham7")
+    split = write_split(root / "split.csv", records,
+                        make_split(records, labels, val_frac=0.34, seed=0))
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "JAX_PLATFORMS": "cpu",
+           "LESIONLENS_CACHE": str(root / "cache")}
+    done = subprocess.run([sys.executable, "-m", "model", "fuse", "--checkpoint", str(ckpt),
+                           "--csv", str(split)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return ckpt
+
+
+def test_clinical_note_feeds_a_fused_model(fused_checkpoint, tmp_path):
+    from app.model_card import model_card_markdown
+    from app.services import Services
+    from app.store import CaseStore
+    from model.predictor import Predictor
+    p = Predictor.load(fused_checkpoint)
+    assert p.uses_clinical
+    ctx = Services(p, CaseStore(tmp_path / "history" / "cases.db"), tmp_dir=tmp_path / "tmp")
+
+    history, state = _chat(ctx, "60 year old male, back", [SAMPLE])
+    assert "**Clinical data used:** age 60, male, site back." in _assistant_texts(history)[-1]
+    with_note = ctx.store.get_case(state["case_id"]).predictions
+    history, state = _chat(ctx, "", [SAMPLE])
+    assert "treated as missing: age, sex, site" in _assistant_texts(history)[-1]
+    without = ctx.store.get_case(state["case_id"]).predictions
+    assert max(abs(with_note[c] - without[c]) for c in p.classes) > 1e-3
+
+    history, _ = _chat(ctx, "F 40", [SAMPLE])
+    reply = _assistant_texts(history)[-1]
+    assert "age 40, female." in reply and "treated as missing: site" in reply
+    assert "**age, sex and body site**" in model_card_markdown(p)
 
 
 def test_build_demo_wires_without_a_server(ctx):
@@ -461,3 +519,33 @@ def test_parse_follow_up_commands():
     for text, (kind, method, ci) in cases.items():
         cmd = parse_command(text, classes, names)
         assert (cmd.kind, cmd.method, cmd.class_index) == (kind, method, ci), text
+
+
+def test_parse_clinical_note():
+    from app.commands import parse_clinical
+    cases = {
+        "55 year old man, back": (55, "male", "back"),
+        "F 40 face": (40, "female", "face"),
+        "age 62, female, lower extremity": (62, "female", "lower extremity"),
+        "70yo male scalp": (70, "male", "scalp"),
+        "62-year-old woman, left palm": (62, "female", "acral"),
+        "45 y/o M, upper arm": (45, "male", "upper extremity"),
+        "40F, sole of foot": (40, "female", None),         # acral or foot: unsure, so unknown
+        "aged: 80, both hands": (80, None, "hand"),
+        "75 y, lower leg": (75, None, "lower extremity"),  # the bundled samples' notes
+        "54 y, left shoulder": (54, None, None),           # shoulder: no clear HAM site
+        # negatives: none of these is an age, a sex or a site
+        "3 mm, growing for 2 years": (None, None, None),
+        "appeared 3 years ago": (None, None, None),
+        "stage 3, the mole is malelike and human-shaped": (None, None, None),
+        "10 m from the lab, I'M WORRIED": (None, None, None),
+        "female? male? not sure": (None, None, None),      # contradictions stay unknown
+        "back and arm": (None, None, None),
+        "M 3mm": (None, "male", None),
+        "": (None, None, None),
+    }
+    for text, expected in cases.items():
+        c = parse_clinical(text)
+        assert (c.age, c.sex, c.site) == expected, text
+    assert parse_clinical("55 y, M").known == {"age": 55.0, "sex": "male"}
+    assert parse_clinical(None).known == {}

@@ -1,0 +1,120 @@
+"""One image in, one stored case out: probabilities, malignancy, unusual-image flag, warnings
+and a Grad-CAM overlay.
+
+    case, result, overlay_png = classify_path(ctx, "data/samples/mel_ISIC_0030828.jpg",
+                                              note="60 y, male, back")
+
+The note's age, sex and body site (`commands.parse_clinical`) go to the model only when the
+checkpoint fuses them with the image (`Predictor.uses_clinical`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.errors import UserError
+from model.images import load_image
+
+from .commands import Clinical, parse_clinical
+from .services import Services, overlay, shrink, write_png
+
+STORE_MAX_SIDE = 1024    # px: the model sees <= 512 px; keeps history PNGs to ~1-3 MB
+UNSURE_MAX_PROB = 0.5    # top class below 50 %: no class is more likely than all others together
+UNSURE_ENTROPY = 0.7     # normalised entropy (0 = certain, 1 = uniform) above which we warn
+CLOSE_CALL = 0.10        # top-2 probabilities closer than this: the ranking is a coin flip
+
+
+@dataclass
+class Result:
+    """One image's analysis; `prepared` is the model's (S, S, 3) uint8 view of it and
+    `clinical` what the note said (given to the model only if it uses clinical data)."""
+    image: Image.Image
+    prepared: np.ndarray
+    probs: np.ndarray
+    malignant: float
+    ood_score: float
+    unusual: bool
+    warnings: list[str]
+    clinical: Clinical = Clinical()
+
+
+def uncertainty_warnings(probs: np.ndarray, class_names, unusual: bool) -> list[str]:
+    warnings = []
+    if unusual:
+        warnings.append("**This image does not look like the dermoscopy images the model was "
+                        "trained on** (it may be a normal photo, not a single skin lesion, or "
+                        "badly lit or blurred). Treat the result below as meaningless unless a "
+                        "clinician says the image is suitable.")
+    order = np.argsort(probs)[::-1]
+    top, second = float(probs[order[0]]), float(probs[order[1]]) if len(probs) > 1 else 0.0
+    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
+    entropy = float(-(p * np.log(p)).sum() / math.log(len(p))) if len(p) > 1 else 0.0
+    if top < UNSURE_MAX_PROB or entropy > UNSURE_ENTROPY:
+        warnings.append(f"**The model is unsure**: its top answer has only {top:.0%} and the "
+                        f"probability is spread over several classes (uncertainty {entropy:.0%}).")
+    elif top - second < CLOSE_CALL:
+        warnings.append(f"**Close call** between {class_names[order[0]]} ({top:.0%}) and "
+                        f"{class_names[order[1]]} ({second:.0%}).")
+    return warnings
+
+
+def analyse(predictor, image: Image.Image, clinical: Clinical = Clinical()) -> Result:
+    """Probabilities, malignancy, OOD flag and warnings in one forward pass; `clinical` is
+    passed on only when the checkpoint fuses it (unknown values count as missing)."""
+    prepared = predictor.prepare([image])
+    if predictor.uses_clinical:
+        out = predictor.analyse(prepared, people=[clinical])
+    else:
+        out = predictor.analyse(prepared)
+    probs = np.asarray(out["probs"])[0]
+    unusual = bool(np.asarray(out["unusual"])[0])
+    return Result(image=image, prepared=prepared[0], probs=probs,
+                  malignant=float(np.asarray(out["malignant"])[0]),
+                  ood_score=float(np.asarray(out["ood_score"])[0]), unusual=unusual,
+                  warnings=uncertainty_warnings(probs, predictor.class_names, unusual),
+                  clinical=clinical)
+
+
+def classify_path(ctx: Services, path, user: str = "", note: str = "", filename: str = ""):
+    """Load, analyse, explain (Grad-CAM), then store: (case, result, overlay png path).
+
+    UserError for unreadable images; nothing is stored unless every step succeeded.
+    """
+    filename = filename or Path(str(path)).name
+    try:
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{filename}: the file is empty (0 bytes); upload the image again.")
+    except OSError:
+        pass
+    try:
+        image = shrink(load_image(path), STORE_MAX_SIDE)
+    except UserError as e:  # name the file as the user knows it, not Gradio's temp path
+        raise UserError(_strip_path(str(e), path)) from None
+    result = analyse(ctx.predictor, image, parse_clinical(note))
+    top = int(np.argmax(result.probs))
+    over, _ = overlay(ctx.predictor, image, result.prepared, "gradcam", top)
+    png = write_png(ctx, over, f"gradcam-{Path(filename).stem}")
+    p = ctx.predictor
+    case = ctx.store.add_case(
+        image, predictions={c: float(v) for c, v in zip(p.classes, result.probs)},
+        malignant_probability=result.malignant, checkpoint_id=p.checkpoint_id, user=user,
+        filename=filename, note=note, unusual=result.unusual, ood_score=result.ood_score)
+    return case, result, png
+
+
+def _strip_path(message: str, path) -> str:
+    """Error messages name the upload's temp path; people know it by its file name."""
+    return message.replace(str(path), Path(str(path)).name)
+
+
+def classify_api(ctx: Services, path, user: str = "", note: str = ""):
+    """One file in -> ({class name: probability}, Grad-CAM overlay png). Stored in history."""
+    if not path:
+        raise UserError("no file received: send one image file (JPEG or PNG).")
+    case, result, png = classify_path(ctx, path, user=user, note=note or "")
+    return {n: round(float(v), 6) for n, v in zip(ctx.predictor.class_names, result.probs)}, png

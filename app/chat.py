@@ -1,0 +1,215 @@
+"""The chat: one reply per dropped image (report + Grad-CAM), then follow-up commands.
+
+    for history, state in chat_respond(ctx, {"text": "60 y, male, back", "files": [path]},
+                                       [], {}, user=""): ...
+
+A message is shown at once (`chat_add`), then answered (`chat_respond`, a generator so each
+image's reply appears as soon as it is ready).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import UserError
+
+from .analysis import classify_path
+from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
+from .services import Services, md_escape, overlay, write_png
+
+log = logging.getLogger("lesionlens")
+
+MAX_FILES = 8            # per chat message: ~1 s each on a laptop CPU; more goes in a second message
+
+CAVEAT = ("_Not a medical device: this research tool supports, and never replaces, a clinician. "
+          "See a doctor about any lesion that is new, changing, bleeding or worrying you._")
+
+
+# ------------------------------------------------------------------ messages
+def malignant_codes(predictor) -> list[str]:
+    """The classes the predictor counts as malignant (asked, not hard-coded)."""
+    k = len(predictor.classes)
+    hits = np.asarray(predictor.malignant_probability(np.eye(k, dtype=np.float32)))
+    return [c for c, v in zip(predictor.classes, hits) if v > 0.5]
+
+
+def clinical_line(predictor, clinical: Clinical) -> str | None:
+    """Which of the note's age, sex and body site the model used, or that it uses none."""
+    known = clinical.known
+    if not predictor.uses_clinical:
+        return ("_This model uses the image only: the age, sex or body site in your note "
+                "did not change the result._") if known else None
+    shown = {"age": lambda v: f"age {v:g}", "sex": str, "site": lambda v: f"site {v}"}
+    used = ", ".join(shown[k](v) for k, v in known.items()) or "none"
+    missing = [k for k in ("age", "sex", "site") if k not in known]
+    line = f"**Clinical data used:** {used}."
+    if missing:
+        line += (f" Not found in the note, so treated as missing: {', '.join(missing)} "
+                 "(add e.g. “60 y, male, back” to the note).")
+    return line
+
+
+def report_markdown(predictor, case, warnings: list[str], clinical: str | None = None) -> str:
+    names = dict(zip(predictor.classes, predictor.class_names))
+    ranked = sorted(case.predictions.items(), key=lambda kv: -kv[1])[:3]
+    lines = [f"⚠️ {w}" for w in warnings]
+    if lines:
+        lines.append("")
+    title = f"**Case #{case.id}**" + (f" · {md_escape(case.filename)}" if case.filename else "")
+    if case.note:
+        title += f" · _{md_escape(case.note)}_"
+    lines.append(title)
+    lines.append("")
+    if clinical:
+        lines += [clinical, ""]
+    lines.append("| | class | probability |")
+    lines.append("|---|---|---|")
+    for rank, (code, prob) in enumerate(ranked, 1):
+        lines.append(f"| {rank} | {names.get(code, code)} (`{code}`) | {prob:.1%} |")
+    lines.append("")
+    m = case.malignant_probability
+    lean = "leans malignant" if m >= 0.5 else "leans benign"
+    mal_codes = malignant_codes(predictor)
+    lines.append(f"**Malignant vs benign:** {m:.0%} malignant / {1 - m:.0%} benign ({lean}; "
+                 f"malignant = {', '.join(mal_codes) or 'malignant classes'}).")
+    lines.append("")
+    lines.append(f"Grad-CAM below shows where the model looked for **{names.get(case.top_class)}**. "
+                 "Type `help` for more explanations.")
+    lines.append("")
+    lines.append(CAVEAT)
+    return "\n".join(lines)
+
+
+def image_message(path: str, alt: str) -> dict:
+    return {"role": "assistant", "content": {"path": path, "alt_text": alt}}
+
+
+def text_message(text: str, role: str = "assistant") -> dict:
+    return {"role": role, "content": text}
+
+
+# ------------------------------------------------------------------ chat
+def chat_add(message: dict | None, history: list | None):
+    """Show the user's message at once; the reply comes from `chat_respond`. Returns
+    (history, pending message)."""
+    history = list(history or [])
+    message = message or {"text": "", "files": []}
+    files = [f if isinstance(f, str) else f.get("path") for f in (message.get("files") or [])]
+    for f in files[:MAX_FILES]:
+        history.append({"role": "user", "content": {"path": f}})
+    if len(files) > MAX_FILES:
+        history.append(text_message(f"(+{len(files) - MAX_FILES} more files)", "user"))
+    text = (message.get("text") or "").strip()
+    if text:
+        history.append(text_message(text, "user"))
+    return history, {"text": text, "files": files}
+
+
+def chat_respond(ctx: Services, pending: dict | None, history: list | None, state: dict | None,
+                 user: str = ""):
+    """Generator of (history, state): one reply per image, or the answer to a follow-up."""
+    history, state = list(history or []), dict(state or {})
+    pending = pending or {}
+    files, text = pending.get("files") or [], (pending.get("text") or "").strip()
+    if not files:
+        try:
+            history += follow_up(ctx, text, state, user)
+        except Exception:
+            log.exception("follow-up %r failed", text)
+            history.append(text_message("❌ Something went wrong while answering that (an "
+                                        "internal error, logged on the server). Try again, or "
+                                        "drop the image again to start a new case."))
+        yield history, state
+        return
+    if len(files) > MAX_FILES:
+        history.append(text_message(
+            f"You sent {len(files)} files; I analyse at most {MAX_FILES} per message. Here are "
+            f"the first {MAX_FILES}: send the others in another message."))
+        files = files[:MAX_FILES]
+    for path in files:
+        name = Path(str(path)).name
+        try:
+            case, result, png = classify_path(ctx, path, user=user, note=text)
+        except UserError as e:
+            history.append(text_message(f"❌ I could not use **{name}**: {e}"
+                                        "\n\nNothing was saved. Send a JPEG or PNG photo of one "
+                                        "skin lesion, ideally a dermoscopy image."))
+            yield history, state
+            continue
+        except Exception:  # a bug, not the user's fault: say so, keep serving, save nothing
+            log.exception("analysing %s failed", name)
+            history.append(text_message(f"❌ Something went wrong while analysing **{name}** "
+                                        "(an internal error, logged on the server). Nothing "
+                                        "was saved; please try again or try another image."))
+            yield history, state
+            continue
+        state = {"case_id": case.id}
+        history.append(text_message(report_markdown(
+            ctx.predictor, case, result.warnings, clinical_line(ctx.predictor, result.clinical))))
+        top = ctx.predictor.class_names[int(np.argmax(result.probs))]
+        history.append(image_message(png, f"Grad-CAM overlay for {top}"))
+        yield history, state
+
+
+def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
+    p = ctx.predictor
+    cmd = parse_command(text, p.classes, p.class_names)
+    if cmd.kind in ("help", "empty"):
+        return [text_message(help_text(p.classes, p.class_names))]
+    case = ctx.store.get_case(state.get("case_id"), user=user) if state.get("case_id") else None
+    if cmd.kind == "unknown":
+        hint = "" if case else " First drop an image of a skin lesion here."
+        return [text_message(f"I did not understand “{text}”.{hint} Type `help` for what I can "
+                             "do; to start a new case, drop an image (a note is optional).")]
+    if case is None:
+        return [text_message("There is no current case: drop an image first, or open one "
+                             "from the History tab.")]
+    image = case.load_image()
+    prepared = p.prepare([image])
+    method = cmd.method or "gradcam"
+    ci = cmd.class_index if cmd.class_index is not None else int(
+        p.classes.index(case.top_class))
+    over, _ = overlay(p, image, prepared[0], method, ci)
+    name, prob = p.class_names[ci], case.predictions.get(p.classes[ci], 0.0)
+    label = METHOD_LABELS.get(method, method)
+    png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}")
+    if cmd.kind == "why_not":
+        top_name = p.class_names[p.classes.index(case.top_class)]
+        if p.classes[ci] == case.top_class:
+            msg = (f"The model **did** pick {name}: {prob:.1%}. {label} shows the evidence "
+                   "it used.")
+        else:
+            msg = (f"**{name}: {prob:.1%}** (the model's pick, {top_name}, has "
+                   f"{case.predictions[case.top_class]:.1%}). {label} for {name} shows what "
+                   "in the image speaks *for* it; weak or scattered heat means little evidence.")
+    else:
+        msg = f"{label} for **{name}** ({prob:.1%}) on case #{case.id}."
+    return [text_message(msg), image_message(png, f"{label} overlay for {name}")]
+
+
+def open_case_in_chat(ctx: Services, case_id, history, user: str):
+    """History -> chat: show the stored case as the current one. Returns (history, state)."""
+    history = list(history or [])
+    case = ctx.store.get_case(int(case_id), user=user) if case_id else None
+    if case is None:
+        history.append(text_message("That case no longer exists (it may have been deleted)."))
+        return history, {}
+    p = ctx.predictor
+    image = case.load_image()
+    ci = p.classes.index(case.top_class)
+    over, _ = overlay(p, image, p.prepare([image])[0], "gradcam", ci)
+    png = write_png(ctx, over, f"gradcam-case{case.id}")
+    history.append(text_message(f"Opened case #{case.id} from history.", "user"))
+    same_model = case.checkpoint_id == p.checkpoint_id
+    warnings = [] if same_model else ["This case was analysed by another checkpoint "
+                                      f"(`{case.checkpoint_id}`); the heatmap is from the "
+                                      "current one."]
+    if case.unusual:
+        warnings.insert(0, "When stored, this image was flagged as unlike the training images.")
+    # The stored probabilities came from this checkpoint and this note: say what it used.
+    clinical = clinical_line(p, parse_clinical(case.note)) if same_model else None
+    history.append(text_message(report_markdown(p, case, warnings, clinical)))
+    history.append(image_message(png, f"Grad-CAM overlay for {p.class_names[ci]}"))
+    return history, {"case_id": case.id}

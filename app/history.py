@@ -1,0 +1,75 @@
+"""The History tab: search the stored cases, show one, export them (CSV or ZIP).
+
+    rows = history_table(ctx, history_cases(ctx, user="", query="shoulder"))
+    path = export_history(ctx, "zip", history_cases(ctx, user=""))
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from PIL import Image
+
+from model.errors import UserError
+
+from .services import Services, md_escape
+
+HISTORY_COLUMNS = ["case", "date (UTC)", "file", "note", "prediction", "probability",
+                   "malignant", "flag"]
+
+
+def _day(value) -> str | None:
+    """gr.DateTime gives '', None, 'YYYY-MM-DD', a full timestamp, or epoch seconds."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d", time.gmtime(value))
+    text = str(value).strip()[:10]
+    try:
+        time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise UserError(f"“{value}” is not a date; use YYYY-MM-DD.") from None
+    return text
+
+
+def history_cases(ctx: Services, user: str, query: str = "", top_class: str | None = None,
+                  date_from=None, date_to=None):
+    return ctx.store.list_cases(user=user, query=query or "", top_class=top_class or None,
+                                date_from=_day(date_from), date_to=_day(date_to))
+
+
+def history_table(ctx: Services, cases) -> list[list]:
+    names = dict(zip(ctx.predictor.classes, ctx.predictor.class_names))
+    rows = []
+    for c in cases:
+        flag = "unusual image" if c.unusual else ""
+        rows.append([c.id, c.created[:19].replace("T", " "), c.filename, c.note,
+                     names.get(c.top_class, c.top_class),
+                     f"{c.predictions.get(c.top_class, 0):.0%}",
+                     f"{c.malignant_probability:.0%}", flag])
+    return rows
+
+
+def case_details(ctx: Services, case_id, user: str):
+    """(thumbnail image or None, markdown) for the History tab's selected row."""
+    case = ctx.store.get_case(int(case_id), user=user) if case_id else None
+    if case is None:
+        return None, "Select a row to see the case."
+    names = dict(zip(ctx.predictor.classes, ctx.predictor.class_names))
+    ranked = sorted(case.predictions.items(), key=lambda kv: -kv[1])[:3]
+    top3 = ", ".join(f"{names.get(k, k)} {v:.0%}" for k, v in ranked)
+    md = (f"**Case #{case.id}** · {case.created[:19].replace('T', ' ')} UTC\n\n"
+          f"File: {md_escape(case.filename) or '–'} · Note: {md_escape(case.note) or '–'}\n\n"
+          f"Top 3: {top3} · malignant {case.malignant_probability:.0%}\n\n"
+          f"Checkpoint: `{case.checkpoint_id}`")
+    with Image.open(case.thumb_path) as thumb:   # pixels, not a path: the store may live
+        return thumb.convert("RGB"), md          # outside the folders Gradio may serve
+
+
+def export_history(ctx: Services, kind: str, cases) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = ctx.tmp_dir / "exports" / uuid.uuid4().hex[:8]
+    classes = list(ctx.predictor.classes)
+    if kind == "zip":
+        return str(ctx.store.export_zip(out / f"lesionlens-cases-{stamp}.zip", cases, classes))
+    return str(ctx.store.export_csv(out / f"lesionlens-cases-{stamp}.csv", cases, classes))

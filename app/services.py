@@ -1,0 +1,110 @@
+"""What every handler shares: the services (predictor, case store, temp folder) and the image
+helpers that turn a heat map into something to show or download.
+
+    ctx = Services(Predictor.load("checkpoints/default"), CaseStore("history/cases.db"))
+    png = write_png(ctx, overlay(ctx.predictor, image, prepared, "gradcam", 4)[0], "gradcam-mel")
+
+Handlers are plain functions in `analysis`, `chat`, `compare`, `history` and `model_card`:
+each gets the services (read-only), the per-session state and the user name, and returns new
+values; `ui` only wires them to components. Model access goes through
+`model.predictor.Predictor` and `model.render`.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model import render
+
+from .store import CaseStore
+
+DISPLAY_MAX_SIDE = 448   # px: overlays in chat and compare
+DISPLAY_MIN_SIDE = 384   # px: smaller images are enlarged for display (never for the model)
+DEFAULT_ALPHA = 0.5
+CONTOUR_PERCENT = 10     # outline the hottest 10 % of the map
+TMP_MAX_AGE_S = 3600     # overlay PNGs are copied into Gradio's cache at once; ours can go
+
+
+@dataclass(frozen=True)
+class Services:
+    predictor: object
+    store: CaseStore
+    tmp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lesionlens-")))
+
+
+def user_of(request) -> str:
+    """The logged-in user, or '' without auth (everyone then shares one history)."""
+    return (getattr(request, "username", None) or "") if request is not None else ""
+
+
+def md_escape(text: str) -> str:
+    """User text (notes, file names) shown literally inside Markdown."""
+    return "".join("\\" + ch if ch in "\\`*_{}[]()<>#+-.!|~" else ch
+                   for ch in str(text).replace("\n", " "))
+
+
+# ------------------------------------------------------------------ images
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    image = image.copy()
+    image.thumbnail((max_side, max_side), Image.BILINEAR, reducing_gap=3.0)
+    return image
+
+
+def display_image(image: Image.Image) -> np.ndarray:
+    """The raw image at display size: big photos shrunk, small crops (HAM's 200 px) enlarged
+    so the heat map's detail is visible in the chat."""
+    longest = max(image.size)
+    if longest < DISPLAY_MIN_SIDE:
+        scale = DISPLAY_MIN_SIDE / longest
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.BICUBIC)
+    return np.asarray(shrink(image, DISPLAY_MAX_SIDE).convert("RGB"))
+
+
+def blend(image: Image.Image, heat: np.ndarray, alpha: float) -> np.ndarray:
+    return render.overlay(display_image(image), heat, alpha=alpha,
+                          contour_percent=CONTOUR_PERCENT)
+
+
+def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "gradcam",
+            class_index: int | None = None, alpha: float = DEFAULT_ALPHA, heat=None):
+    """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image."""
+    if heat is None:
+        heat = predictor.explain(prepared, method=method, class_index=class_index)
+    return blend(image, heat, alpha), heat
+
+
+def write_png(ctx: Services, array, stem: str) -> str:
+    """Save for Gradio to serve or download; old files in our temp folder are pruned."""
+    ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in ctx.tmp_dir.glob("*.png"):
+        try:
+            if now - old.stat().st_mtime > TMP_MAX_AGE_S:
+                old.unlink()
+        except OSError:
+            pass
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
+    path = ctx.tmp_dir / f"{safe}-{uuid.uuid4().hex[:8]}.png"
+    img = array if isinstance(array, Image.Image) else Image.fromarray(np.asarray(array, np.uint8))
+    img.save(path, compress_level=1)  # served once, then deleted: speed over size (3x faster)
+    return str(path)
+
+
+def warm_up(predictor) -> None:
+    """Compile the forward pass and Grad-CAM before the first user waits for them (JAX jits
+    on first call, and once more on the second)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    for _ in range(2):
+        prepared = predictor.prepare([image])
+        predictor.analyse(prepared)
+        predictor.explain(prepared[0], method="gradcam", class_index=0)
