@@ -85,6 +85,13 @@ def split_groups(records, *, dedupe: bool = True) -> list[str]:
     return keys
 
 
+def not_in(records, held_out) -> np.ndarray:
+    """Mask of `records` whose file content matches no `held_out` image (e.g. extra training data
+    that would leak an exact copy of a validation or external-test image)."""
+    seen = {file_hash(r.path) for r in held_out}
+    return np.array([file_hash(r.path) not in seen for r in records], bool)
+
+
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 

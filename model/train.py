@@ -23,7 +23,7 @@ from .images import build_cache, default_cache_dir
 from .networks import build
 from .predictor import Predictor
 from .preprocess import Normalisation
-from .splits import make_split, read_split, write_split
+from .splits import make_split, not_in, read_split, write_split
 from .train_step import class_weights, data_mesh, make_optimizer, make_train_step, replicate, shard_batch
 
 # ----------------------------------------------------------------------------------------------
@@ -74,14 +74,21 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     train_idx, val_idx = pick("train"), pick("val")
     train_records = [records[i] for i in train_idx]
     train_labels = labels[train_idx]
+    held_out = [records[i] for i in val_idx] + [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
+    dropped = 0
     for spec in cfg.extra_train:
         extra_records, extra_labels, extra_classes = load_labelled(spec, cfg.task)
+        keep = not_in(extra_records, held_out)  # ISIC 2017 has exact copies across its splits
+        dropped += int((~keep).sum())
         remap = np.array([classes.index(c) for c in extra_classes])
-        train_records += list(extra_records)
-        train_labels = np.concatenate([train_labels, remap[extra_labels]])
+        train_records += [r for r, k in zip(extra_records, keep) if k]
+        train_labels = np.concatenate([train_labels, remap[extra_labels[keep]]])
+    if dropped:
+        print(f"extra_train: dropped {dropped} images identical to a validation or external-eval image")
     train = cache_split(train_records, train_labels, cfg)
     val = cache_split([records[i] for i in val_idx], labels[val_idx], cfg)
-    summary = {"source": cfg.data, "extra_train": cfg.extra_train, "task": cfg.task,
+    summary = {"source": cfg.data, "extra_train": cfg.extra_train, "extra_train_dropped_duplicates": dropped,
+               "task": cfg.task,
                "train_images": len(train.labels), "val_images": len(val.labels),
                "train_class_counts": {c: int((train.labels == i).sum()) for i, c in enumerate(classes)},
                "val_class_counts": {c: int((val.labels == i).sum()) for i, c in enumerate(classes)},

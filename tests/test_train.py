@@ -172,3 +172,24 @@ def test_data_parallel_matches_one_device():
         results[n] = json.loads(done.stdout.strip().splitlines()[-1])
     assert results[4]["devices"] == 4 and results[1]["devices"] == 1
     np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=1e-4)
+
+
+def test_extra_train_skips_exact_copies_of_held_out_images(synthetic_data, tmp_path):
+    # ISIC 2017 has identical images across its splits: training on a copy of a test image would leak.
+    images = sorted(synthetic_data.ham_images.glob("*.jpg"))
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "external").mkdir()
+    for name, source in (("copy.jpg", images[0]), ("new.jpg", images[1])):
+        (tmp_path / "extra" / name).write_bytes(source.read_bytes())
+    (tmp_path / "external" / "test.jpg").write_bytes(images[0].read_bytes())
+    (tmp_path / "extra" / "labels.csv").write_text("path,dx\ncopy.jpg,mel\nnew.jpg,nv\n")
+    (tmp_path / "external" / "labels.csv").write_text("path,dx\ntest.jpg,mel\n")
+    workdir = tmp_path / "run"
+    result = train_and_evaluate(smoke_config(synthetic_data.ham_dir, workdir, epochs=1,
+                                             extra_train=[str(tmp_path / "extra" / "labels.csv")],
+                                             external_eval=[str(tmp_path / "external" / "labels.csv")]))
+    data = checkpoint.read_metadata(workdir / "best")["training"]["data"]
+    assert data["extra_train_dropped_duplicates"] == 1
+    n_split_train = sum(1 for line in (workdir / "split.csv").read_text().splitlines()[1:] if ",train," in line)
+    assert data["train_images"] == n_split_train + 1
+    assert list(result["external"]) == [str(tmp_path / "external" / "labels.csv")]
