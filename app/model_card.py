@@ -55,6 +55,15 @@ def clinical_use(predictor) -> str:
             "the note gives them.")
 
 
+def _subgroup_lines(subgroups: dict) -> list[str]:
+    lines = ["| group | value | n | balanced accuracy | malignant AUC |", "|---|---|---|---|---|"]
+    for group, cells in subgroups.items():
+        for value, cell in cells.items():
+            lines.append(f"| {group.replace('_', ' ')} | {value} | {cell.get('n', '–')} | "
+                         f"{_fmt(cell.get('balanced_accuracy'))} | {_fmt(cell.get('malignant_auc'))} |")
+    return lines
+
+
 def model_card_markdown(predictor) -> str:
     md = dict(predictor.metadata or {})
     training = md.get("training") or {}
@@ -87,6 +96,20 @@ def model_card_markdown(predictor) -> str:
             lines.append("")
         lines += _metrics_lines({**val, "temperature": md.get("temperature")},
                                 predictor.classes, predictor.class_names)
+    if isinstance(val, dict) and val.get("subgroups"):
+        lines += ["", "### Subgroups (validation)", "",
+                  "Balanced accuracy and malignant-vs-benign AUC by group; small groups are uncertain.", ""]
+        lines += _subgroup_lines(val["subgroups"])
+    external = (md.get("metrics") or {}).get("external") or {}
+    if external:
+        lines += ["", "### Other sources (never used for training or model selection)", "",
+                  "| set | images | balanced accuracy | malignant AUC (95% CI) | melanoma recall |",
+                  "|---|---|---|---|---|"]
+        for spec, m in external.items():
+            ci = m.get("malignant_auc_ci")
+            auc = _fmt(m.get("malignant_auc")) + (f" ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "")
+            lines.append(f"| {spec} | {m.get('n', '–')} | {_fmt(m.get('balanced_accuracy'))} | {auc} "
+                         f"| {_fmt((m.get('recall') or {}).get('mel'))} |")
     ood = md.get("ood") or {}
     if ood.get("threshold") is not None:
         lines += ["", f"Unusual-image warning: feature distance above {ood['threshold']:.2f} "

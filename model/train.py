@@ -254,6 +254,12 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     return finalize(cfg, workdir, train, val, classes)
 
 
+def external_summary(m: dict) -> dict:
+    """The headline of an evaluation on another source, small enough for checkpoint metadata."""
+    keys = ("n", "balanced_accuracy", "macro_auc", "malignant_auc", "malignant_auc_ci", "recall")
+    return metrics.to_jsonable({k: m[k] for k in keys if k in m})
+
+
 def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:
     """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
@@ -270,5 +276,8 @@ def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes)
         remap = np.array([classes.index(c) for c in ext_classes])
         split = cache_split(records, remap[labels], cfg)
         result["external"][spec], _ = evaluate_split(predictor, split, classes)
+    if result["external"]:  # the checkpoint carries them too: the model card shows how it transfers
+        predictor.metadata["metrics"]["external"] = {spec: external_summary(m) for spec, m in result["external"].items()}
+        checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
     return result

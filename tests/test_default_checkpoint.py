@@ -28,6 +28,18 @@ def test_bundled_checkpoint_is_small_and_describes_itself(predictor):
     assert 0 < val["balanced_accuracy"] <= 1 and len(val["balanced_accuracy_ci"]) == 2
     assert 0 < meta["temperature"] < 10 and np.isfinite(meta["ood"]["threshold"])
     assert meta["licence"].lower().count("non-commercial")
+    # How it transfers to another source travels with it (and shows on the app's model card).
+    isic_test = meta["metrics"]["external"]["../shared/data/isic2017/labels.csv:test"]
+    assert isic_test["n"] == 600 and 0.5 < isic_test["malignant_auc"] <= 1
+    assert set(val["subgroups"]) == {"sex", "age_band", "body_site"}
+
+
+def test_model_card_shows_subgroups_and_other_sources(predictor):
+    from app.model_card import model_card_markdown
+    card = model_card_markdown(predictor)
+    for heading in ("### Validation metrics", "### Subgroups (validation)", "### Other sources", "### Licence"):
+        assert heading in card
+    assert "| body site | face |" in card and "isic2017/labels.csv:test | 600 |" in card
 
 
 def synthetic_non_lesions(size=224):
