@@ -9,7 +9,6 @@ checkpoint fuses them with the image (`Predictor.uses_clinical`).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ class Result:
     clinical: Clinical = Clinical()
 
 
-def uncertainty_warnings(probs: np.ndarray, class_names, unusual: bool) -> list[str]:
+def uncertainty_warnings(probs: np.ndarray, entropy: float, class_names, unusual: bool) -> list[str]:
+    """`entropy`: the predictor's normalised entropy of `probs` (0 = certain, 1 = uniform)."""
     warnings = []
     if unusual:
         warnings.append("**This image does not look like the dermoscopy images the model was "
@@ -52,8 +52,6 @@ def uncertainty_warnings(probs: np.ndarray, class_names, unusual: bool) -> list[
                         "clinician says the image is suitable.")
     order = np.argsort(probs)[::-1]
     top, second = float(probs[order[0]]), float(probs[order[1]]) if len(probs) > 1 else 0.0
-    p = np.clip(probs.astype(np.float64), 1e-12, 1.0)
-    entropy = float(-(p * np.log(p)).sum() / math.log(len(p))) if len(p) > 1 else 0.0
     if top < UNSURE_MAX_PROB or entropy > UNSURE_ENTROPY:
         warnings.append(f"**The model is unsure**: its top answer has only {top:.0%} and the "
                         f"probability is spread over several classes (uncertainty {entropy:.0%}).")
@@ -67,16 +65,14 @@ def analyse(predictor, image: Image.Image, clinical: Clinical = Clinical()) -> R
     """Probabilities, malignancy, OOD flag and warnings in one forward pass; `clinical` is
     passed on only when the checkpoint fuses it (unknown values count as missing)."""
     prepared = predictor.prepare([image])
-    if predictor.uses_clinical:
-        out = predictor.analyse(prepared, people=[clinical])
-    else:
-        out = predictor.analyse(prepared)
+    out = predictor.analyse(prepared, people=[clinical])  # ignored unless the checkpoint fuses them
     probs = np.asarray(out["probs"])[0]
     unusual = bool(np.asarray(out["unusual"])[0])
     return Result(image=image, prepared=prepared[0], probs=probs,
                   malignant=float(np.asarray(out["malignant"])[0]),
                   ood_score=float(np.asarray(out["ood_score"])[0]), unusual=unusual,
-                  warnings=uncertainty_warnings(probs, predictor.class_names, unusual),
+                  warnings=uncertainty_warnings(probs, float(np.asarray(out["entropy"])[0]),
+                                                predictor.class_names, unusual),
                   clinical=clinical)
 
 

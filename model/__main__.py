@@ -52,42 +52,28 @@ def cmd_split(args):
     print(f"wrote {args.out}: " + ", ".join(f"{s} {int((assignment == s).sum())}" for s in ("train", "val", "test")))
 
 
-def _labelled_split(predictor, csv, split):
-    """Records, labels (in the checkpoint's class order) and cached images of one split of a labelled set."""
-    import numpy as np
-    from .data import load_dataset, select_task
-    from .images import build_cache, default_cache_dir
-    from .train import Split
-    records, labels, classes = select_task(load_dataset(csv, split=split), predictor.metadata["task"])
-    labels = np.array([predictor.classes.index(c) for c in classes])[labels]
-    images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
-    return Split(images, labels, records)
-
-
 def cmd_calibrate(args):
     from .calibration import calibrate
+    from .evaluate import labelled_split
     from .predictor import Predictor
     predictor = Predictor.load(args.checkpoint)
-    result = calibrate(predictor, _labelled_split(predictor, args.csv, args.split), predictor.classes)
+    result = calibrate(predictor, labelled_split(predictor, args.csv, args.split), predictor.classes)
     print(json.dumps({k: result[k] for k in ("temperature", "ece_before", "ece_after")}, indent=2))
 
 
 def cmd_fuse(args):
     from .calibration import calibrate, fit_clinical_fusion
+    from .evaluate import labelled_split
     from .predictor import Predictor
-    from .train import evaluate_split
     from .train_step import class_weights
     predictor = Predictor.load(args.checkpoint)
-    train = _labelled_split(predictor, args.csv, "train")
-    val = _labelled_split(predictor, args.csv, "val")
-    predictor.metadata.pop("clinical_fusion", None)
-    image_only, _ = evaluate_split(predictor, val, predictor.classes, n_bootstrap=0)
+    train = labelled_split(predictor, args.csv, "train")
+    val = labelled_split(predictor, args.csv, "val")
     weighting = predictor.metadata.get("training", {}).get("config", {}).get("class_weighting", "sqrt")
     fit_clinical_fusion(predictor, train, class_weights(train.labels, len(predictor.classes), weighting))
-    fused = calibrate(predictor, val, predictor.classes)["val"]
-    keys = ("balanced_accuracy", "macro_auc", "malignant_auc", "ece")
-    print(json.dumps({"image_only": {k: image_only[k] for k in keys},
-                      "with_clinical": {k: fused[k] for k in keys}}, indent=2))
+    result = calibrate(predictor, val, predictor.classes)
+    print(json.dumps({"image_only": result["image_only_val"],
+                      "with_clinical": {k: result["val"][k] for k in result["image_only_val"]}}, indent=2))
 
 
 def cmd_info(args):

@@ -30,8 +30,8 @@ def subgroups(records) -> dict:
 
 def calibrate(predictor, val, classes) -> dict:
     """Fit temperature and OOD threshold on the validation split; write them into the best checkpoint."""
-    logits, pooled = predictor.forward_arrays(val.images)
-    logits = predictor.with_clinical(logits, val.records)
+    image_logits, pooled = predictor.forward_arrays(val.images)
+    logits = predictor.with_clinical(image_logits, val.records)
     before = metrics.classification_metrics(metrics.softmax(logits), val.labels, list(classes), n_bootstrap=0)
     temperature = metrics.fit_temperature(logits, val.labels)
     probs = metrics.softmax(logits, temperature)
@@ -53,16 +53,22 @@ def calibrate(predictor, val, classes) -> dict:
     predictor.metadata.update(temperature=temperature, ood=ood)
     predictor.metadata["metrics"] = {**predictor.metadata.get("metrics", {}), "val": metrics.to_jsonable(after)}
     checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
-    return {"val": after, "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"]}
+    result = {"val": after, "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"]}
+    if predictor.uses_clinical:  # what the fusion adds, from the same forward pass
+        image_only = metrics.classification_metrics(metrics.softmax(image_logits), val.labels, list(classes),
+                                                    n_bootstrap=0)
+        result["image_only_val"] = {k: image_only[k] for k in ("balanced_accuracy", "macro_auc", "malignant_auc")}
+    return result
 
 
 def fit_clinical_fusion(predictor, train, class_weights: np.ndarray) -> dict:
-    """Fit age/sex/site fusion on the training split's image logits (plain view); store it in metadata.
+    """Fit age/sex/site fusion on the training split's image logits (plain view) into `predictor.metadata`.
 
-    Call `calibrate` afterwards: the temperature and the entropy gate must see the fused logits.
+    `calibrate` must follow: the temperature and the entropy gate have to see the fused logits,
+    and it is what writes the metadata to the checkpoint.
     """
+    predictor.metadata.pop("clinical_fusion", None)  # fit on the image model's own logits
     logits = predictor.logits_from_arrays(train.images, tta=False)
     fusion = clinical.fit_fusion(logits, clinical.encode(train.records), train.labels, class_weights)
     predictor.metadata["clinical_fusion"] = fusion
-    checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     return fusion

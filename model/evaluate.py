@@ -13,16 +13,24 @@ from .data import load_dataset, select_task
 from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .predictor import Predictor
+from .train import Split
 
 
-def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None, tta: bool | None = None,
-             n_bootstrap: int = 1000) -> dict:
-    predictor = Predictor.load(checkpoint)
+def labelled_split(predictor: Predictor, source: str, split: str | None = None) -> Split:
+    """A labelled set (or one `split` of it) as the predictor sees it: cached images, labels in its class order."""
     records, labels, data_classes = select_task(load_dataset(source, split=split), predictor.metadata["task"])
     if len(records) == 0:
         raise UserError(f"{source}: no labelled images for the task {predictor.metadata['task']!r}.")
     labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]
     images = build_cache([r.path for r in records], predictor.image_size, predictor.resize, default_cache_dir())
+    return Split(images, labels, list(records))
+
+
+def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None, tta: bool | None = None,
+             n_bootstrap: int = 1000) -> dict:
+    predictor = Predictor.load(checkpoint)
+    data = labelled_split(predictor, source, split)
+    images, labels, records = data.images, data.labels, data.records
     logits = predictor.logits_from_arrays(images, tta)
     probs = predictor.probabilities(predictor.with_clinical(logits, records))
     result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap)

@@ -74,11 +74,13 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     train_idx, val_idx = pick("train"), pick("val")
     train_records = [records[i] for i in train_idx]
     train_labels = labels[train_idx]
-    held_out = [records[i] for i in val_idx] + [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
     dropped = 0
+    if cfg.extra_train:  # ISIC 2017 has exact copies across its splits: never train on a held-out image
+        held_out = [records[i] for i in val_idx] + [r for spec in cfg.external_eval
+                                                    for r in load_labelled(spec, cfg.task)[0]]
     for spec in cfg.extra_train:
         extra_records, extra_labels, extra_classes = load_labelled(spec, cfg.task)
-        keep = not_in(extra_records, held_out)  # ISIC 2017 has exact copies across its splits
+        keep = not_in(extra_records, held_out)
         dropped += int((~keep).sum())
         remap = np.array([classes.index(c) for c in extra_classes])
         train_records += [r for r, k in zip(extra_records, keep) if k]
@@ -265,11 +267,8 @@ def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes)
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
-        image_only, _ = evaluate_split(predictor, val, classes, n_bootstrap=0)
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
     result = calibrate(predictor, val, classes)
-    if cfg.clinical_fusion:
-        result["image_only_val"] = {k: image_only[k] for k in ("balanced_accuracy", "macro_auc", "malignant_auc")}
     result["external"] = {}
     for spec in cfg.external_eval:
         records, labels, ext_classes = load_labelled(spec, cfg.task)
