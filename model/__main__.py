@@ -28,7 +28,7 @@ def cmd_evaluate(args):
                       n_bootstrap=args.bootstrap)
     keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "melanoma_sensitivity", "ece")
     print(json.dumps({k: result.get(k) for k in keys}, indent=2))
-    print(f"wrote {args.out}/metrics.json, report.md and plots")
+    print(f"wrote {args.out}/metrics.json, report.md, predictions.csv and plots")
 
 
 def cmd_predict(args):

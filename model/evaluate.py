@@ -1,8 +1,10 @@
 """`python -m model evaluate --checkpoint DIR --csv LABELS.csv --out OUTDIR`
 
 Scores a checkpoint on any labelled set (a `path,dx` CSV, an ISIC metadata CSV/folder, class folders,
-or a run's split file with --split val) and writes metrics.json, report.md and PNG plots.
+or a run's split file with --split val) and writes metrics.json, report.md, PNG plots and
+predictions.csv (one row per image: its label and class probabilities, for error analysis).
 """
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from .calibration import subgroups
 from .data import load_dataset, select_task
 from .errors import UserError
 from .images import build_cache, default_cache_dir
+from .predict import probability_columns, probability_row
 from .predictor import Predictor
 from .train import Split
 
@@ -41,4 +44,13 @@ def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None
     result["source"] = str(source) + (f" (split {split})" if split else "")
     report.write_report(Path(out), result, probs, labels, predictor.classes,
                         title=f"{predictor.checkpoint_id} on {Path(source).name}")
+    write_predictions(Path(out) / "predictions.csv", predictor, records, labels, probs)
     return result
+
+
+def write_predictions(path: Path, predictor: Predictor, records, labels, probs) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", *probability_columns(predictor)])
+        for record, label, p in zip(records, labels, probs):
+            writer.writerow([record.path, predictor.classes[label], *probability_row(predictor, p)])

@@ -31,6 +31,16 @@ def expand_inputs(inputs) -> list[Path]:
     return paths
 
 
+def probability_columns(predictor: Predictor) -> list[str]:
+    return ["prediction", "malignant_probability", *predictor.classes]
+
+
+def probability_row(predictor: Predictor, probs: np.ndarray) -> list[str]:
+    """The `probability_columns` of one image's class probabilities."""
+    return [predictor.classes[int(probs.argmax())], f"{predictor.malignant_probability(probs[None])[0]:.6f}",
+            *[f"{v:.6f}" for v in probs]]
+
+
 def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None) -> int:
     """Returns the number of files that could not be read."""
     predictor = Predictor.load(checkpoint)
@@ -39,7 +49,7 @@ def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None)
     failures = 0
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "prediction", "malignant_probability", *predictor.classes, "error"])
+        writer.writerow(["path", *probability_columns(predictor), "error"])
         for start in range(0, len(paths), BATCH):
             chunk, images, errors = paths[start:start + BATCH], [], {}
             for path in chunk:
@@ -52,9 +62,7 @@ def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None)
             for path in chunk:
                 if path in errors:
                     failures += 1
-                    writer.writerow([path, "", "", *[""] * len(predictor.classes), errors[path]])
-                    continue
-                p = next(rows)
-                writer.writerow([path, predictor.classes[int(p.argmax())],
-                                 f"{predictor.malignant_probability(p[None])[0]:.6f}", *[f"{v:.6f}" for v in p], ""])
+                    writer.writerow([path, *[""] * len(probability_columns(predictor)), errors[path]])
+                else:
+                    writer.writerow([path, *probability_row(predictor, next(rows)), ""])
     return failures

@@ -1,4 +1,5 @@
 """Training end to end on real (tiny) image files: checkpoints, resume after a kill, data parallelism."""
+import csv
 import json
 import os
 import signal
@@ -88,6 +89,14 @@ def test_evaluate_and_predict_commands(trained_run, synthetic_data_shared, tmp_p
     assert result["n"] == 9 and set(result["absent_classes"]) == {"df", "mel", "nv", "vasc"}
     for png in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
         assert (out / png).stat().st_size > 1000
+    with open(out / "predictions.csv") as f:
+        per_image = list(csv.DictReader(f))
+    assert len(per_image) == 9 and {r["label"] for r in per_image} <= {"akiec", "bcc", "bkl"}
+    probs = np.array([[float(r[c]) for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")] for r in per_image])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    predicted = np.array(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])[probs.argmax(axis=1)]
+    assert list(predicted) == [r["prediction"] for r in per_image]
+    assert np.mean(predicted == [r["label"] for r in per_image]) == pytest.approx(result["accuracy"], abs=1e-6)
 
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not an image")
