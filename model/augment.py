@@ -1,6 +1,8 @@
 """Training-time augmentation, on device inside the jitted train step (no Python in the loop).
 
-Random resized crop, flips, 90-degree rotations and colour jitter on float images in [0, 1].
+Random resized crop, flips, 90-degree rotations, colour jitter and (optionally) the artefacts that
+differ between clinics: hairs drawn across the lesion and the dark circular vignette of contact
+dermatoscopes. All on float images in [0, 1].
 All randomness comes from one PRNG key per batch, so a run is reproducible from its seed.
 """
 import dataclasses
@@ -19,6 +21,12 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.03                   # small: colour carries diagnostic signal (blue-white veil)
+    hair: float = 0.0                   # probability of drawing 1-8 dark hairs over the image
+    vignette: float = 0.0               # probability of a dark circular dermatoscope border
+
+
+HAIR_SEGMENTS = 12  # straight pieces approximating each hair's Bezier curve
+MAX_HAIRS = 8
 
 
 def random_resized_crop(key, image, scale, ratio):
@@ -70,11 +78,67 @@ def color_jitter(key, image, cfg: AugmentConfig):
     return jnp.clip(image, 0.0, 1.0)
 
 
+def pixel_grid(size: int):
+    """(S, S, 2) pixel centres in [0, 1] coordinates, (y, x)."""
+    axis = (jnp.arange(size) + 0.5) / size
+    return jnp.stack(jnp.meshgrid(axis, axis, indexing="ij"), axis=-1)
+
+
+def hair_mask(key, size: int):
+    """(S, S) coverage in [0, 1] of 1-MAX_HAIRS random hairs: quadratic Bezier curves, 1-2 px wide.
+
+    A pixel's coverage comes from its distance to the nearest piece of the curve: no rasteriser
+    needed, so the whole thing stays jittable.
+    """
+    k_n, k_ends, k_bend, k_width = jax.random.split(key, 4)
+    n = jax.random.randint(k_n, (), 1, MAX_HAIRS + 1)
+    ends = jax.random.uniform(k_ends, (MAX_HAIRS, 2, 2), minval=-0.1, maxval=1.1)   # start, end (y, x)
+    bend = (ends[:, 0] + ends[:, 1]) / 2 + jax.random.normal(k_bend, (MAX_HAIRS, 2)) * 0.25
+    t = jnp.linspace(0.0, 1.0, HAIR_SEGMENTS + 1)[None, :, None]
+    curves = (1 - t) ** 2 * ends[:, :1] + 2 * (1 - t) * t * bend[:, None] + t ** 2 * ends[:, 1:]
+    start, step = curves[:, :-1], curves[:, 1:] - curves[:, :-1]                   # (hairs, segments, 2)
+    grid = pixel_grid(size).reshape(-1, 1, 1, 2)
+    along = jnp.sum((grid - start) * step, axis=-1) / jnp.maximum(jnp.sum(step ** 2, axis=-1), 1e-12)
+    nearest = start + jnp.clip(along, 0.0, 1.0)[..., None] * step
+    distance = jnp.sqrt(jnp.min(jnp.sum((grid - nearest) ** 2, axis=-1), axis=-1)) * size  # (S*S, hairs) px
+    half_width = jax.random.uniform(k_width, (MAX_HAIRS,), minval=0.3, maxval=1.0)
+    coverage = jnp.clip(half_width + 0.5 - distance, 0.0, 1.0) * (jnp.arange(MAX_HAIRS) < n)
+    return jnp.max(coverage, axis=-1).reshape(size, size)
+
+
+def add_hair(key, image):
+    k_mask, k_shade = jax.random.split(key)
+    # Hairs are dark brown to black: a fraction of the local colour, not a fixed RGB value.
+    shade = jax.random.uniform(k_shade, minval=0.05, maxval=0.35)
+    coverage = hair_mask(k_mask, image.shape[0])[..., None]
+    return image * (1 - coverage) + image * shade * coverage
+
+
+def add_vignette(key, image):
+    """Darken outside a circle centred near the middle, radius 0.45-0.7 of the side, with a soft edge."""
+    k_radius, k_centre, k_edge = jax.random.split(key, 3)
+    radius = jax.random.uniform(k_radius, minval=0.45, maxval=0.7)
+    centre = 0.5 + jax.random.uniform(k_centre, (2,), minval=-0.05, maxval=0.05)
+    edge = jax.random.uniform(k_edge, minval=0.01, maxval=0.1)
+    r = jnp.linalg.norm(pixel_grid(image.shape[0]) - centre, axis=-1)
+    keep = jnp.clip((radius - r) / edge + 0.5, 0.0, 1.0)[..., None]
+    return image * (0.03 + 0.97 * keep)
+
+
+def maybe(key, probability: float, transform, image):
+    if probability <= 0:  # a Python-level switch: runs without the artefact compile none of it
+        return image
+    k_apply, k_transform = jax.random.split(key)
+    return jnp.where(jax.random.bernoulli(k_apply, probability), transform(k_transform, image), image)
+
+
 def augment_one(key, image, cfg: AugmentConfig):
-    k_crop, k_dihedral, k_color = jax.random.split(key, 3)
+    k_crop, k_dihedral, k_color, k_hair, k_vignette = jax.random.split(key, 5)
     image = random_resized_crop(k_crop, image, cfg.crop_scale, cfg.crop_ratio)
     image = dihedral(k_dihedral, image, cfg)
-    return color_jitter(k_color, image, cfg)
+    image = color_jitter(k_color, image, cfg)
+    image = maybe(k_hair, cfg.hair, add_hair, image)
+    return maybe(k_vignette, cfg.vignette, add_vignette, image)
 
 
 def augment(key, images, cfg: AugmentConfig):

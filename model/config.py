@@ -42,6 +42,8 @@ class TrainConfig:
     mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 turns it off
     crop_scale_min: float = 0.5
     color_jitter: float = 0.2
+    hair_aug: float = 0.0                  # probability of drawing random hairs over a training image
+    vignette_aug: float = 0.0              # probability of a dark circular dermatoscope border
     dtype: str = "float32"                 # "bfloat16" for accelerators: compute in bf16, params in f32
     tta: bool = True                       # 8-view dihedral test-time augmentation at evaluation
     seed: int = 0
