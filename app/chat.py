@@ -51,6 +51,20 @@ def clinical_line(predictor, clinical: Clinical) -> str | None:
     return line
 
 
+def operating_point_line(predictor, malignant: float) -> str | None:
+    """Where the malignancy estimate sits against the checkpoint's high-sensitivity threshold."""
+    threshold = predictor.operating_threshold
+    if threshold is None:
+        return None
+    val = ((predictor.metadata.get("metrics") or {}).get("val") or {}).get("operating_point") or {}
+    side = "**at or above**" if malignant >= threshold else "below"
+    line = f"**Sensitive threshold:** {malignant:.0%} is {side} {threshold:.0%}, the cut-off"
+    if val.get("malignant_sensitivity") is not None and val.get("malignant_specificity") is not None:
+        line += (f" at which the model flagged {val['malignant_sensitivity']:.0%} of malignant validation "
+                 f"lesions (and {1 - val['malignant_specificity']:.0%} of benign ones)")
+    return line + "."
+
+
 def report_markdown(predictor, case, warnings: list[str], clinical: str | None = None) -> str:
     names = dict(zip(predictor.classes, predictor.class_names))
     ranked = sorted(case.predictions.items(), key=lambda kv: -kv[1])[:3]
@@ -74,6 +88,9 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     mal_codes = malignant_codes(predictor)
     lines.append(f"**Malignant vs benign:** {m:.0%} malignant / {1 - m:.0%} benign ({lean}; "
                  f"malignant = {', '.join(mal_codes) or 'malignant classes'}).")
+    point = operating_point_line(predictor, m)
+    if point:
+        lines += ["", point]
     lines.append("")
     lines.append(f"Grad-CAM below shows where the model looked for **{names.get(case.top_class)}**. "
                  "Type `help` for more explanations.")

@@ -96,6 +96,12 @@ def model_card_markdown(predictor) -> str:
             lines.append("")
         lines += _metrics_lines({**val, "temperature": md.get("temperature")},
                                 predictor.classes, predictor.class_names)
+        point = val.get("operating_point")
+        if point:
+            lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, chosen on "
+                      f"validation for {md['operating_point']['target_sensitivity']:.0%} sensitivity): malignant "
+                      f"sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
+                      f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged {_fmt(point.get('melanoma_flagged'))}."]
     if isinstance(val, dict) and val.get("subgroups"):
         lines += ["", "### Subgroups (validation)", "",
                   "Balanced accuracy and malignant-vs-benign AUC by group; small groups are uncertain.", ""]
@@ -103,13 +109,17 @@ def model_card_markdown(predictor) -> str:
     external = (md.get("metrics") or {}).get("external") or {}
     if external:
         lines += ["", "### Other sources (never used for training or model selection)", "",
-                  "| set | images | balanced accuracy | malignant AUC (95% CI) | melanoma recall |",
-                  "|---|---|---|---|---|"]
+                  "| set | images | balanced accuracy | malignant AUC (95% CI) | melanoma recall | "
+                  "at the sensitive threshold: malignant sensitivity / specificity |",
+                  "|---|---|---|---|---|---|"]
         for spec, m in external.items():
             ci = m.get("malignant_auc_ci")
             auc = _fmt(m.get("malignant_auc")) + (f" ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "")
+            point = m.get("operating_point") or {}
+            at_point = (f"{_fmt(point.get('malignant_sensitivity'))} / {_fmt(point.get('malignant_specificity'))}"
+                        if point else "–")
             lines.append(f"| {spec} | {m.get('n', '–')} | {_fmt(m.get('balanced_accuracy'))} | {auc} "
-                         f"| {_fmt((m.get('recall') or {}).get('mel'))} |")
+                         f"| {_fmt((m.get('recall') or {}).get('mel'))} | {at_point} |")
     ood = md.get("ood") or {}
     if ood.get("threshold") is not None:
         lines += ["", f"Unusual-image warning: feature distance above {ood['threshold']:.2f} "

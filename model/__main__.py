@@ -5,7 +5,7 @@
     python -m model predict   --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
-    python -m model calibrate --checkpoint DIR --csv split.csv --split val
+    python -m model calibrate --checkpoint DIR --csv split.csv --split val [--external_eval CSV:test]
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
 """
@@ -54,11 +54,14 @@ def cmd_split(args):
 
 def cmd_calibrate(args):
     from .calibration import calibrate
-    from .evaluate import labelled_split
+    from .evaluate import external_summary, labelled_split, record_external
     from .predictor import Predictor
     predictor = Predictor.load(args.checkpoint)
     result = calibrate(predictor, labelled_split(predictor, args.csv, args.split), predictor.classes)
-    print(json.dumps({k: result[k] for k in ("temperature", "ece_before", "ece_after")}, indent=2))
+    external = record_external(predictor, args.external_eval or [])
+    print(json.dumps({**{k: result[k] for k in ("temperature", "ece_before", "ece_after")},
+                      "operating_point": result["val"].get("operating_point"),
+                      "external": {spec: external_summary(m) for spec, m in external.items()}}, indent=2))
 
 
 def cmd_fuse(args):
@@ -123,10 +126,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_split)
 
-    p = sub.add_parser("calibrate", help="refit temperature and the unusual-image gate on a validation set")
+    p = sub.add_parser("calibrate", help="refit temperature, operating point and unusual-image gate on a validation set")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--csv", required=True, help="validation set (e.g. the run's split.csv)")
     p.add_argument("--split", default="val")
+    p.add_argument("--external_eval", action="append", metavar="SPEC",
+                   help="also evaluate on another source (CSV[:split,...]) and store it in the checkpoint")
     p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("fuse", help="fit age/sex/site fusion on a split's train rows, recalibrate on its val rows")

@@ -3,6 +3,9 @@
 - temperature scaling (Guo et al. 2017): probabilities that mean what they say;
 - an out-of-distribution threshold on the predictor's feature distance, set so that
   OOD_PASS_RATE of validation lesions pass (the app warns about the rest);
+- a high-sensitivity operating point: the malignant-probability threshold at which
+  OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
+  misses many melanomas and users should see what a sensitive cut-off costs in specificity;
 - per-subgroup metrics (sex, age band, body site) so users see where the model is weaker;
 - optionally, the clinical-metadata fusion (model/clinical.py), fitted on the training split
   before the temperature so that the temperature calibrates the fused prediction.
@@ -12,6 +15,7 @@ import numpy as np
 from . import checkpoint, clinical, metrics
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
+OPERATING_SENSITIVITY = 0.9
 
 
 def ood_statistics(pooled: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -28,14 +32,24 @@ def subgroups(records) -> dict:
             "body_site": [r.site for r in records]}
 
 
+def sensitive_threshold(probs, labels, classes) -> float | None:
+    mal = metrics.resolve_malignant(list(classes))
+    positives = np.isin(labels, mal)
+    if not mal or len(mal) == len(classes) or not positives.any():
+        return None
+    return metrics.threshold_for_sensitivity(probs[:, mal].sum(axis=1), positives, OPERATING_SENSITIVITY)
+
+
 def calibrate(predictor, val, classes) -> dict:
-    """Fit temperature and OOD threshold on the validation split; write them into the best checkpoint."""
+    """Fit temperature, operating point and OOD gate on the validation split; write them into the checkpoint."""
     image_logits, pooled = predictor.forward_arrays(val.images)
     logits = predictor.with_clinical(image_logits, val.records)
     before = metrics.classification_metrics(metrics.softmax(logits), val.labels, list(classes), n_bootstrap=0)
     temperature = metrics.fit_temperature(logits, val.labels)
     probs = metrics.softmax(logits, temperature)
-    after = metrics.classification_metrics(probs, val.labels, list(classes), n_bootstrap=1000)
+    threshold = sensitive_threshold(probs, val.labels, classes)
+    after = metrics.classification_metrics(probs, val.labels, list(classes), n_bootstrap=1000,
+                                           operating_threshold=threshold)
     after["subgroups"] = metrics.subgroup_metrics(probs, val.labels, list(classes), subgroups(val.records))
     after["temperature"] = temperature
     after["ece_before_temperature"] = before["ece"]
@@ -51,6 +65,8 @@ def calibrate(predictor, val, classes) -> dict:
                                                                          predictor.normalised_entropy(probs))))
 
     predictor.metadata.update(temperature=temperature, ood=ood)
+    if threshold is not None:
+        predictor.metadata["operating_point"] = {"target_sensitivity": OPERATING_SENSITIVITY, "threshold": threshold}
     predictor.metadata["metrics"] = {**predictor.metadata.get("metrics", {}), "val": metrics.to_jsonable(after)}
     checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     result = {"val": after, "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"]}

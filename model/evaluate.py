@@ -9,19 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, report
+from . import checkpoint, metrics, report
 from .calibration import subgroups
-from .data import load_dataset, select_task
 from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .predict import probability_columns, probability_row
 from .predictor import Predictor
-from .train import Split
+from .train import Split, evaluate_split, load_labelled
 
 
 def labelled_split(predictor: Predictor, source: str, split: str | None = None) -> Split:
-    """A labelled set (or one `split` of it) as the predictor sees it: cached images, labels in its class order."""
-    records, labels, data_classes = select_task(load_dataset(source, split=split), predictor.metadata["task"])
+    """A labelled set as the predictor sees it: cached images, labels in its class order.
+
+    `source` may name its splits itself ("labels.csv:train,val"), or `split` picks one.
+    """
+    spec = f"{source}:{split}" if split else str(source)
+    records, labels, data_classes = load_labelled(spec, predictor.metadata["task"])
     if len(records) == 0:
         raise UserError(f"{source}: no labelled images for the task {predictor.metadata['task']!r}.")
     labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]
@@ -36,7 +39,8 @@ def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None
     images, labels, records = data.images, data.labels, data.records
     logits = predictor.logits_from_arrays(images, tta)
     probs = predictor.probabilities(predictor.with_clinical(logits, records))
-    result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap)
+    result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap,
+                                            operating_threshold=predictor.operating_threshold)
     result["subgroups"] = metrics.subgroup_metrics(probs, labels, predictor.classes, subgroups(records))
     result["temperature"] = predictor.metadata.get("temperature", 1.0)
     result["clinical_fusion"] = predictor.uses_clinical
@@ -46,6 +50,23 @@ def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None
                         title=f"{predictor.checkpoint_id} on {Path(source).name}")
     write_predictions(Path(out) / "predictions.csv", predictor, records, labels, probs)
     return result
+
+
+def external_summary(m: dict) -> dict:
+    """The headline of an evaluation on another source, small enough for checkpoint metadata."""
+    keys = ("n", "balanced_accuracy", "macro_auc", "malignant_auc", "malignant_auc_ci", "recall", "operating_point")
+    return metrics.to_jsonable({k: m[k] for k in keys if k in m})
+
+
+def record_external(predictor: Predictor, specs) -> dict:
+    """Evaluate on other sources ("CSV:split,..." specs) and store their headlines in the checkpoint:
+    the model card shows how the model transfers. Returns the full metrics per spec."""
+    results = {spec: evaluate_split(predictor, labelled_split(predictor, spec), predictor.classes)[0]
+               for spec in specs}
+    if results:
+        predictor.metadata.setdefault("metrics", {})["external"] = {s: external_summary(m) for s, m in results.items()}
+        checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
+    return results
 
 
 def write_predictions(path: Path, predictor: Predictor, records, labels, probs) -> None:

@@ -356,6 +356,29 @@ def _binary_rates(score: np.ndarray, positives: np.ndarray, threshold: float) ->
     return sens, spec
 
 
+def threshold_for_sensitivity(score, positives, target: float) -> float:
+    """The highest threshold at which `score >= threshold` still flags `target` of the positives."""
+    ranked = np.sort(np.asarray(score, dtype=np.float64)[np.asarray(positives, bool)])[::-1]
+    if ranked.size == 0:
+        return float("nan")
+    return float(ranked[int(np.ceil(target * ranked.size)) - 1])
+
+
+def operating_point(probs, labels, classes, threshold: float, malignant=None) -> dict | None:
+    """What flagging `malignant score >= threshold` catches: malignant sensitivity and specificity,
+    and the share of melanomas flagged (None when the task has no malignant/benign split)."""
+    mal = resolve_malignant(classes, malignant)
+    if not mal or len(mal) == probs.shape[1]:
+        return None
+    score = probs[:, mal].sum(axis=1)
+    sens, spec = _binary_rates(score, np.isin(labels, mal), threshold)
+    point = {"threshold": float(threshold), "malignant_sensitivity": sens, "malignant_specificity": spec}
+    if "mel" in classes:
+        melanoma = labels == list(classes).index("mel")
+        point["melanoma_flagged"] = float((score[melanoma] >= threshold).mean()) if melanoma.any() else float("nan")
+    return point
+
+
 def _malignant_block(probs, labels, classes, malignant) -> dict:
     """malignant_auc / sensitivity / specificity (None when the task has no such split)."""
     mal = resolve_malignant(classes, malignant)
@@ -370,7 +393,7 @@ def _malignant_block(probs, labels, classes, malignant) -> dict:
 
 
 def classification_metrics(probs, labels, classes, *, malignant=None, n_bootstrap: int = 1000,
-                           seed: int = 0, alpha: float = 0.05) -> dict:
+                           seed: int = 0, alpha: float = 0.05, operating_threshold: float | None = None) -> dict:
     """All headline metrics for one evaluation, JSON-ready (NaN -> None).
 
     `malignant`: indices or codes of the malignant classes (default:
@@ -379,7 +402,8 @@ def classification_metrics(probs, labels, classes, *, malignant=None, n_bootstra
     recall / auc (present classes), specificity / precision (where defined), support
     (all classes), absent_classes, melanoma_sensitivity (when "mel" is a class),
     malignant_auc(_ci) / malignant_sensitivity / malignant_specificity (summed
-    malignant probability >= 0.5), malignant_threshold, ece, nll, confusion.
+    malignant probability >= 0.5), malignant_threshold, ece, nll, confusion, and with
+    `operating_threshold` (a checkpoint's high-sensitivity threshold) an `operating_point` entry.
     """
     probs, labels = _as_inputs(probs, labels)
     classes = list(classes)
@@ -421,6 +445,8 @@ def classification_metrics(probs, labels, classes, *, malignant=None, n_bootstra
         out["melanoma_sensitivity"] = recall.get("mel", float("nan"))
     out.update(_malignant_block(probs, labels, classes, malignant))
     out["malignant_threshold"] = MALIGNANT_THRESHOLD
+    if operating_threshold is not None:
+        out["operating_point"] = operating_point(probs, labels, classes, operating_threshold, malignant)
     if n_bootstrap > 0 and n:
         kw = dict(n=n_bootstrap, seed=seed, alpha=alpha)
         out["balanced_accuracy_ci"] = list(bootstrap_ci(probs, labels, balanced_accuracy, **kw))

@@ -114,6 +114,12 @@ class Predictor:
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, malignant_indices(self.classes)].sum(axis=1)
 
+    @property
+    def operating_threshold(self) -> float | None:
+        """Malignant probability at or above which the model flagged OPERATING_SENSITIVITY of the
+        malignant validation lesions (model/calibration.py); None before calibration."""
+        return (self.metadata.get("operating_point") or {}).get("threshold")
+
     # --- "does this look like what the model was trained on?" ---
     def ood_score(self, pooled: np.ndarray) -> np.ndarray:
         """Distance of pooled features to the nearest class mean, in units of the training spread.

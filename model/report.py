@@ -91,10 +91,19 @@ def _malignant(m: dict) -> list[str]:
         return []
     thr = m.get("malignant_threshold", 0.5)
     lines = ["## Malignant vs benign", "",
-             f"Score: summed probability of the malignant classes; flagged malignant when >= {thr}.", ""]
+             f"Score: summed probability of the malignant classes; flagged malignant when >= {thr}."
+             + (" The operating point is the checkpoint's high-sensitivity threshold, chosen on validation."
+                if m.get("operating_point") else ""), ""]
     rows = [["AUC", _fmt(m.get("malignant_auc")), _fmt_ci(m.get("malignant_auc_ci"))],
             [f"Sensitivity @ {thr}", _fmt(m.get("malignant_sensitivity")), ""],
             [f"Specificity @ {thr}", _fmt(m.get("malignant_specificity")), ""]]
+    point = m.get("operating_point")
+    if point:
+        t = _fmt(point["threshold"])
+        rows += [[f"Sensitivity @ {t} (operating point)", _fmt(point.get("malignant_sensitivity")), ""],
+                 [f"Specificity @ {t} (operating point)", _fmt(point.get("malignant_specificity")), ""]]
+        if "melanoma_flagged" in point:
+            rows.append([f"Melanomas flagged @ {t}", _fmt(point["melanoma_flagged"]), ""])
     if "malignant_n" in m:
         rows.append(["Malignant / benign images", f"{m['malignant_n']} / {m.get('benign_n', '—')}", ""])
     return lines + _table(["Metric", "Value", "CI"], rows)

@@ -150,7 +150,8 @@ def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
 def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
     logits = predictor.with_clinical(predictor.logits_from_arrays(split.images, tta), split.records)
     probs = predictor.probabilities(logits)  # with the temperature once calibrated
-    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap), logits
+    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,
+                                          operating_threshold=predictor.operating_threshold), logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,27 +257,14 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     return finalize(cfg, workdir, train, val, classes)
 
 
-def external_summary(m: dict) -> dict:
-    """The headline of an evaluation on another source, small enough for checkpoint metadata."""
-    keys = ("n", "balanced_accuracy", "macro_auc", "malignant_auc", "malignant_auc_ci", "recall")
-    return metrics.to_jsonable({k: m[k] for k in keys if k in m})
-
-
 def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:
     """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
+    from .evaluate import record_external  # noqa: PLC0415 (evaluate builds on this module)
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
     result = calibrate(predictor, val, classes)
-    result["external"] = {}
-    for spec in cfg.external_eval:
-        records, labels, ext_classes = load_labelled(spec, cfg.task)
-        remap = np.array([classes.index(c) for c in ext_classes])
-        split = cache_split(records, remap[labels], cfg)
-        result["external"][spec], _ = evaluate_split(predictor, split, classes)
-    if result["external"]:  # the checkpoint carries them too: the model card shows how it transfers
-        predictor.metadata["metrics"]["external"] = {spec: external_summary(m) for spec, m in result["external"].items()}
-        checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
+    result["external"] = record_external(predictor, cfg.external_eval)
     (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
     return result

@@ -232,6 +232,21 @@ def test_chat_reply_has_top3_malignancy_overlay_and_caveat(ctx):
     assert sum(case.predictions.values()) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_reply_places_malignancy_against_the_sensitive_threshold(ctx, monkeypatch):
+    p = ctx.predictor
+    history, state = _chat(ctx, "", [SAMPLE])
+    assert "Sensitive threshold" not in _assistant_texts(history)[0]  # uncalibrated: nothing to compare with
+    malignant = ctx.store.get_case(state["case_id"]).malignant_probability
+    for threshold, side in ((malignant / 2, "at or above"), (min(1.0, malignant * 2 + 0.01), "below")):
+        monkeypatch.setitem(p.metadata, "operating_point", {"target_sensitivity": 0.9, "threshold": threshold})
+        monkeypatch.setitem(p.metadata, "metrics", {"val": {"operating_point": {
+            "threshold": threshold, "malignant_sensitivity": 0.91, "malignant_specificity": 0.6}}})
+        history, _ = _chat(ctx, "", [SAMPLE])
+        (reply,) = _assistant_texts(history)
+        assert f"is {'**at or above**' if side == 'at or above' else 'below'} {threshold:.0%}" in reply
+        assert "flagged 91% of malignant validation lesions (and 40% of benign ones)" in reply
+
+
 def test_warning_comes_first_when_unsure_or_unusual(ctx, monkeypatch):
     p = ctx.predictor
     monkeypatch.setitem(p.metadata, "ood", {"class_means": [[0.0] * 16] * 7,

@@ -31,6 +31,9 @@ def test_bundled_checkpoint_is_small_and_describes_itself(predictor):
     # How it transfers to another source travels with it (and shows on the app's model card).
     isic_test = meta["metrics"]["external"]["../shared/data/isic2017/labels.csv:test"]
     assert isic_test["n"] == 600 and 0.5 < isic_test["malignant_auc"] <= 1
+    # The sensitive threshold: 90% of malignant validation lesions at or above it, reported elsewhere too.
+    assert val["operating_point"]["malignant_sensitivity"] >= 0.9
+    assert isic_test["operating_point"]["threshold"] == meta["operating_point"]["threshold"] == predictor.operating_threshold
     assert set(val["subgroups"]) == {"sex", "age_band", "body_site"}
 
 
@@ -40,6 +43,7 @@ def test_model_card_shows_subgroups_and_other_sources(predictor):
     for heading in ("### Validation metrics", "### Subgroups (validation)", "### Other sources", "### Licence"):
         assert heading in card
     assert "| body site | face |" in card and "isic2017/labels.csv:test | 600 |" in card
+    assert "**Sensitive threshold**" in card
 
 
 def synthetic_non_lesions(size=224):

@@ -334,3 +334,34 @@ def test_write_report_binary_task(tmp_path):
             with Image.open(p) as im:
                 im.verify()
     assert "Malignant vs benign" in (tmp_path / "report.md").read_text()
+
+
+def test_threshold_for_sensitivity_flags_the_target_share_of_positives():
+    rng = np.random.default_rng(0)
+    score = rng.random(200)
+    positives = rng.random(200) < 0.3
+    for target in (0.5, 0.9, 1.0):
+        t = M.threshold_for_sensitivity(score, positives, target)
+        flagged = score >= t
+        assert flagged[positives].mean() >= target
+        # The highest such threshold: one notch higher misses the target.
+        assert (score[positives] > t).mean() < target
+    assert math.isnan(M.threshold_for_sensitivity(score, np.zeros(200, bool), 0.9))
+
+
+def test_operating_point_counts_sensitivity_specificity_and_melanomas():
+    classes = list(HAM_CLASSES)
+    mel, nv, bcc = classes.index("mel"), classes.index("nv"), classes.index("bcc")
+    probs = np.full((4, 7), 0.0)
+    probs[0, mel] = 0.3; probs[0, nv] = 0.7   # melanoma, malignant score 0.3
+    probs[1, bcc] = 0.9; probs[1, nv] = 0.1   # bcc, 0.9
+    probs[2, mel] = 0.25; probs[2, nv] = 0.75  # naevus, 0.25
+    probs[3, nv] = 1.0                          # naevus, 0.0
+    labels = np.array([mel, bcc, nv, nv])
+    point = M.operating_point(probs, labels, classes, 0.2)
+    assert point == {"threshold": 0.2, "malignant_sensitivity": 1.0, "malignant_specificity": 0.5,
+                     "melanoma_flagged": 1.0}
+    assert M.operating_point(probs, labels, classes, 0.5)["melanoma_flagged"] == 0.0
+    out = M.classification_metrics(probs, labels, classes, n_bootstrap=0, operating_threshold=0.2)
+    assert out["operating_point"]["malignant_specificity"] == 0.5
+    assert "operating_point" not in M.classification_metrics(probs, labels, classes, n_bootstrap=0)

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,9 @@ def test_checkpoint_is_self_describing(trained_run):
     assert "balanced_accuracy" in meta["metrics"]["val"] and meta["temperature"] > 0
     assert {"jax", "flax", "optax", "orbax-checkpoint"} <= set(meta["versions"])
     assert len(meta["ood"]["class_means"]) == 7
+    # The high-sensitivity operating point is fitted on validation and reported at its own threshold.
+    point = meta["metrics"]["val"]["operating_point"]
+    assert point["threshold"] == meta["operating_point"]["threshold"] and point["malignant_sensitivity"] >= 0.9
 
 
 def test_predictor_rebuilds_model_from_metadata_alone(trained_run, synthetic_data_shared):
@@ -145,6 +149,24 @@ def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (workdir / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert checkpoint.latest_step(workdir / "latest") == 6
+
+
+def test_calibrate_command_refits_and_records_other_sources(trained_run, synthetic_data_shared, tmp_path):
+    workdir, _ = trained_run
+    ckpt = tmp_path / "best"
+    shutil.copytree(workdir / "best", ckpt)
+    before = checkpoint.read_metadata(ckpt)
+    labels = tmp_path / "other.csv"
+    images = sorted(synthetic_data_shared.ham_images.glob("*.jpg"))[:8]
+    labels.write_text("path,dx\n" + "".join(f"{p},{dx}\n" for p, dx in zip(images, ["mel", "nv"] * 4)))
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val",
+                   "--external_eval", labels)
+    assert done.returncode == 0, done.stderr
+    after = checkpoint.read_metadata(ckpt)
+    assert after["temperature"] == pytest.approx(before["temperature"])  # same validation, same fit
+    other = after["metrics"]["external"][str(labels)]
+    assert other["n"] == 8 and other["operating_point"]["threshold"] == after["operating_point"]["threshold"]
+    assert json.loads(done.stdout)["external"][str(labels)]["n"] == 8
 
 
 DATA_PARALLEL_STEPS = """
