@@ -36,11 +36,9 @@ def evaluate(checkpoint: str, source: str, out: str, *, split: str | None = None
              n_bootstrap: int = 1000) -> dict:
     predictor = Predictor.load(checkpoint)
     data = labelled_split(predictor, source, split)
-    images, labels, records = data.images, data.labels, data.records
-    logits = predictor.logits_from_arrays(images, tta)
-    probs = predictor.probabilities(predictor.with_clinical(logits, records))
-    result = metrics.classification_metrics(probs, labels, predictor.classes, n_bootstrap=n_bootstrap,
-                                            operating_threshold=predictor.operating_threshold)
+    labels, records = data.labels, data.records
+    result, logits = evaluate_split(predictor, data, predictor.classes, n_bootstrap=n_bootstrap, tta=tta)
+    probs = predictor.probabilities(logits)
     result["subgroups"] = metrics.subgroup_metrics(probs, labels, predictor.classes, subgroups(records))
     result["temperature"] = predictor.metadata.get("temperature", 1.0)
     result["clinical_fusion"] = predictor.uses_clinical
