@@ -5,6 +5,7 @@ or a run's split file with --split val) and writes metrics.json, report.md, PNG 
 predictions.csv (one row per image: its label and class probabilities, for error analysis).
 """
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,4 +73,4 @@ def write_predictions(path: Path, predictor: Predictor, records, labels, probs) 
         writer = csv.writer(f)
         writer.writerow(["path", "label", *probability_columns(predictor)])
         for record, label, p in zip(records, labels, probs):
-            writer.writerow([record.path, predictor.classes[label], *probability_row(predictor, p)])
+            writer.writerow([os.path.normpath(record.path), predictor.classes[label], *probability_row(predictor, p)])
