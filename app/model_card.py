@@ -99,7 +99,7 @@ def model_card_markdown(predictor) -> str:
         point = val.get("operating_point")
         if point:
             lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, chosen on "
-                      f"validation for {md['operating_point']['target_sensitivity']:.0%} sensitivity): malignant "
+                      f"validation for {(md.get('operating_point') or {}).get('target_sensitivity', 0.9):.0%} sensitivity): malignant "
                       f"sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
                       f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged {_fmt(point.get('melanoma_flagged'))}."]
     if isinstance(val, dict) and val.get("subgroups"):
@@ -108,7 +108,7 @@ def model_card_markdown(predictor) -> str:
         lines += _subgroup_lines(val["subgroups"])
     external = (md.get("metrics") or {}).get("external") or {}
     if external:
-        lines += ["", "### Other sources (never used for training or model selection)", "",
+        lines += ["", "### Other sources (never trained on)", "",
                   "| set | images | balanced accuracy | malignant AUC (95% CI) | melanoma recall | "
                   "at the sensitive threshold: malignant sensitivity / specificity |",
                   "|---|---|---|---|---|---|"]
