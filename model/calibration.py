@@ -33,11 +33,10 @@ def subgroups(records) -> dict:
 
 
 def sensitive_threshold(probs, labels, classes) -> float | None:
-    mal = metrics.resolve_malignant(list(classes))
-    positives = np.isin(labels, mal)
-    if not mal or len(mal) == len(classes) or not positives.any():
+    split = metrics.malignant_split(probs, labels, classes)
+    if split is None or not split[1].any():
         return None
-    return metrics.threshold_for_sensitivity(probs[:, mal].sum(axis=1), positives, OPERATING_SENSITIVITY)
+    return metrics.threshold_for_sensitivity(*split, OPERATING_SENSITIVITY)
 
 
 def calibrate(predictor, val, classes) -> dict:

@@ -209,10 +209,13 @@ def _macro_auc_batched(probs, labels, idx):
 macro_auc.batched = _macro_auc_batched
 
 
-def malignant_score(probs, classes, malignant=None) -> np.ndarray:
-    """Summed probability of the malignant classes, shape (n,)."""
+def malignant_split(probs, labels, classes, malignant=None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(summed malignant probability, label is malignant) per image; None when no class or every
+    class is malignant (the task asks no malignant-vs-benign question)."""
     mal = resolve_malignant(classes, malignant)
-    return np.asarray(probs, dtype=np.float64)[:, mal].sum(axis=1)
+    if not mal or len(mal) == len(list(classes)):
+        return None
+    return np.asarray(probs, dtype=np.float64)[:, mal].sum(axis=1), np.isin(labels, mal)
 
 
 def resolve_malignant(classes, malignant=None) -> list[int]:
@@ -367,11 +370,11 @@ def threshold_for_sensitivity(score, positives, target: float) -> float:
 def operating_point(probs, labels, classes, threshold: float, malignant=None) -> dict | None:
     """What flagging `malignant score >= threshold` catches: malignant sensitivity and specificity,
     and the share of melanomas flagged (None when the task has no malignant/benign split)."""
-    mal = resolve_malignant(classes, malignant)
-    if not mal or len(mal) == probs.shape[1]:
+    split = malignant_split(probs, labels, classes, malignant)
+    if split is None:
         return None
-    score = probs[:, mal].sum(axis=1)
-    sens, spec = _binary_rates(score, np.isin(labels, mal), threshold)
+    score, positives = split
+    sens, spec = _binary_rates(score, positives, threshold)
     point = {"threshold": float(threshold), "malignant_sensitivity": sens, "malignant_specificity": spec}
     if "mel" in classes:
         melanoma = labels == list(classes).index("mel")
@@ -381,11 +384,10 @@ def operating_point(probs, labels, classes, threshold: float, malignant=None) ->
 
 def _malignant_block(probs, labels, classes, malignant) -> dict:
     """malignant_auc / sensitivity / specificity (None when the task has no such split)."""
-    mal = resolve_malignant(classes, malignant)
-    if not mal or len(mal) == probs.shape[1]:
+    split = malignant_split(probs, labels, classes, malignant)
+    if split is None:
         return {"malignant_auc": None, "malignant_sensitivity": None, "malignant_specificity": None}
-    score = probs[:, mal].sum(axis=1)
-    positives = np.isin(labels, mal)
+    score, positives = split
     sens, spec = _binary_rates(score, positives, MALIGNANT_THRESHOLD)
     return {"malignant_auc": roc_auc(score, positives), "malignant_sensitivity": sens,
             "malignant_specificity": spec, "malignant_n": int(positives.sum()),

@@ -18,7 +18,7 @@ from model.metrics import (  # noqa: E402
     ECE_BINS,
     confusion_matrix,
     reliability_bins,
-    resolve_malignant,
+    malignant_split,
     roc_curve,
     to_jsonable,
 )
@@ -326,10 +326,7 @@ def write_report(outdir, metrics: dict, probs, labels, classes, *, title: str,
         confusion = confusion_matrix(labels, probs.argmax(axis=1), len(classes))
     written.append(plot_confusion(confusion, classes, outdir / "confusion_matrix.png"))
 
-    mal = resolve_malignant(classes, malignant)
-    score = positive = None
-    if mal and len(mal) < len(classes):
-        score, positive = probs[:, mal].sum(axis=1), np.isin(labels, mal)
+    score, positive = malignant_split(probs, labels, classes, malignant) or (None, None)
     written.append(plot_roc(probs, labels, classes, outdir / "roc_curves.png",
                             malignant_score=score, malignant_positive=positive))
     written.append(plot_reliability(rel, outdir / "reliability.png"))
