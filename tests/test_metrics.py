@@ -365,3 +365,21 @@ def test_operating_point_counts_sensitivity_specificity_and_melanomas():
     out = M.classification_metrics(probs, labels, classes, n_bootstrap=0, operating_threshold=0.2)
     assert out["operating_point"]["malignant_specificity"] == 0.5
     assert "operating_point" not in M.classification_metrics(probs, labels, classes, n_bootstrap=0)
+
+
+def test_prior_correction_bench_on_prediction_files(tmp_path):
+    """bench/prior_correction.py reads a split file and evaluate's predictions.csv from disk."""
+    import subprocess
+    split = tmp_path / "split.csv"
+    split.write_text("path,split,dx\n" + "".join(f"t{i}.jpg,train,{'mel' if i < 2 else 'nv'}\n" for i in range(10))
+                     + "v0.jpg,val,mel\n")
+    predictions = tmp_path / "predictions.csv"
+    # Melanomas score 0.4 (below nv's 0.6): the plain arg-max misses them all; dividing by the
+    # training prior (mel 0.2, nv 0.8) recovers them without losing the confident naevi.
+    predictions.write_text("path,label,prediction,malignant_probability,mel,nv\n"
+                           "a.jpg,mel,nv,0.4,0.4,0.6\nb.jpg,mel,nv,0.4,0.4,0.6\n"
+                           "c.jpg,nv,nv,0.1,0.1,0.9\nd.jpg,nv,nv,0.1,0.1,0.9\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "prior_correction.py"
+    out = subprocess.run([sys.executable, str(script), str(split), str(predictions)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "tau 0.0: 0.5000" in out and "tau 1.0: 1.0000" in out
