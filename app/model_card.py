@@ -98,8 +98,9 @@ def model_card_markdown(predictor) -> str:
                                 predictor.classes, predictor.class_names)
         point = val.get("operating_point")
         if point:
-            lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, chosen on "
-                      f"validation for {(md.get('operating_point') or {}).get('target_sensitivity', 0.9):.0%} sensitivity): malignant "
+            target = (md.get("operating_point") or {}).get("target_sensitivity")
+            chosen = f"chosen on validation for {target:.0%} sensitivity" if target else "chosen on validation"
+            lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, {chosen}): malignant "
                       f"sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
                       f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged {_fmt(point.get('melanoma_flagged'))}."]
     if isinstance(val, dict) and val.get("subgroups"):

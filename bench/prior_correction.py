@@ -31,10 +31,10 @@ def prior_corrected_balanced_accuracy(probs, labels, prior, tau: float) -> float
 
 def main(split_file: str, prediction_files: list[str]):
     split = pd.read_csv(split_file)
+    train_dx = split.loc[split["split"] == "train", "dx"]
     for path in prediction_files:
         predictions = pd.read_csv(path)
         classes = list(predictions.columns[predictions.columns.get_loc("malignant_probability") + 1:])
-        train_dx = split.loc[split["split"] == "train", "dx"]
         prior = np.array([(train_dx == c).mean() for c in classes])
         labels = predictions["label"].map(classes.index).to_numpy()
         probs = predictions[classes].to_numpy()
