@@ -78,7 +78,8 @@ RECIPES = {
     # Measured at 128 px / 4 epochs: heavier augmentation learned too slowly in-domain, transferred better.
     "heavy_aug": dict(image_size=128, epochs=4, batch_size=48, lr=1e-3, resize="squash",
                       color_constancy=True, crop_scale_min=0.5, color_jitter=0.2, tta=True),
-    # The same recipe with room to learn, for an accelerator (not yet measured: no GPU in CI).
+    # The same recipe with room to learn, for an accelerator. Measured on one H100 (README "On a GPU"):
+    # ~10 s per epoch, 0.763 mean validation balanced accuracy over 3 seeds; transfers no better than `default`.
     "default_accelerator": dict(image_size=224, epochs=30, batch_size=64, lr=1e-3, resize="squash",
                                 color_constancy=True, crop_scale_min=0.4, color_jitter=0.2, tta=True,
                                 dtype="bfloat16"),

@@ -42,6 +42,12 @@ def ham10000(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def peer_script() -> Path:
+    """The PyTorch peer `../shared/bench/peer_torch.py`; skips when absent."""
+    return _require(REPO_ROOT.parent / "shared" / "bench" / "peer_torch.py", "the PyTorch peer")
+
+
+@pytest.fixture(scope="session")
 def isic2017(shared_data) -> Path:
     """ISIC 2017 folder (labels.csv with path,split,...,dx); skips when absent."""
     return _require(shared_data / "isic2017" / "labels.csv", "ISIC 2017 labels.csv").parent

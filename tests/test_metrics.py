@@ -383,3 +383,46 @@ def test_prior_correction_bench_on_prediction_files(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(split), str(predictions)],
                          capture_output=True, text=True, check=True).stdout
     assert "tau 0.0: 0.5000" in out and "tau 1.0: 1.0000" in out
+
+
+def _write_predictions(path, rows):
+    path.write_text("path,label,prediction,malignant_probability,mel,nv\n"
+                    + "".join(f"{name},{label},x,{mel},{mel},{1 - mel}\n" for name, label, mel in rows))
+    return path
+
+
+def test_ensemble_bench_averages_members(tmp_path):
+    """bench/ensemble.py: each member misses a different melanoma; their mean finds both."""
+    import subprocess
+    nv = [("c.jpg", "nv", 0.1), ("d.jpg", "nv", 0.1)]
+    first = _write_predictions(tmp_path / "a.csv", [("a.jpg", "mel", 0.9), ("b.jpg", "mel", 0.45), *nv])
+    second = _write_predictions(tmp_path / "b.csv", [("a.jpg", "mel", 0.45), ("b.jpg", "mel", 0.9), *nv])
+    script = Path(__file__).resolve().parents[1] / "bench" / "ensemble.py"
+    out = subprocess.run([sys.executable, str(script), str(first), str(second)],
+                         capture_output=True, text=True, check=True).stdout
+    members, ensemble = out.split("ensemble of 2")
+    assert members.count("balanced acc 0.7500") == 2
+    assert "balanced acc 1.0000" in ensemble
+
+    other_images = _write_predictions(tmp_path / "c.csv", [("z.jpg", "mel", 0.9), ("b.jpg", "mel", 0.45), *nv])
+    refused = subprocess.run([sys.executable, str(script), str(first), str(other_images)],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "not the same images" in refused.stderr
+
+
+def test_peer_cuda_only_moves_the_peer_to_a_device(peer_script):
+    """bench/peer_cuda.py: every edit matches the peer once, and the patched peer still compiles."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import peer_cuda
+    finally:
+        sys.path.pop(0)
+    source = peer_script.read_text()
+    patched = peer_cuda.patched_source(source)
+    compile(patched, str(peer_script), "exec")
+    assert all(new in patched for _, new in peer_cuda.EDITS)
+    # Only device placement changed: removing ".to(DEVICE)" and ".cpu()" gives the peer back.
+    assert patched.replace(".to(DEVICE)", "").replace(".cpu()", "").replace(
+        "(weight / weight.mean())", "weight / weight.mean()") == source
+    with pytest.raises(SystemExit, match="has changed"):
+        peer_cuda.patched_source(source.replace("net = make_net()\n", "net = build()\n"))

@@ -1,0 +1,59 @@
+"""Score an ensemble from saved predictions: the mean of several models' probabilities, no retraining.
+
+    for s in A B C; do python -m model evaluate --checkpoint runs/$s/best \
+        --csv data/splits/ham10000_val15_seed0.csv --split val --out eval/$s/val; done
+    python bench/ensemble.py eval/A/val/predictions.csv eval/B/val/predictions.csv eval/C/val/predictions.csv
+
+Each predictions.csv (written by `evaluate`) holds one model's temperature-scaled, test-time
+augmented probabilities; the files must list the same images in the same order. Prints each
+member's and the ensemble's balanced accuracy, macro AUC and malignant AUC with 95% bootstrap CIs.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.metrics import classification_metrics  # noqa: E402
+
+
+def read_predictions(path) -> tuple[pd.Series, np.ndarray, list, pd.Series]:
+    """(image paths, class probabilities, class names, labels) of one predictions.csv."""
+    table = pd.read_csv(path)
+    classes = list(table.columns[table.columns.get_loc("malignant_probability") + 1:])
+    return table["path"], table[classes].to_numpy(np.float64), classes, table["label"]
+
+
+def mean_probabilities(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+    """The members' mean probabilities, the labels and the classes; refuses files that disagree."""
+    images, _, classes, labels = read_predictions(paths[0])
+    members = []
+    for path in paths:
+        other_images, probs, other_classes, _ = read_predictions(path)
+        if other_classes != classes or not other_images.equals(images):
+            raise SystemExit(f"{path}: not the same images and classes as {paths[0]}; evaluate every "
+                             "member on the same set")
+        members.append(probs)
+    return np.mean(members, axis=0), labels.map(classes.index).to_numpy(), classes
+
+
+def summary(probs, labels, classes) -> str:
+    m = classification_metrics(probs, labels, classes, n_bootstrap=1000)
+    ci = lambda key: "[{:.3f}, {:.3f}]".format(*m[f"{key}_ci"]) if m.get(f"{key}_ci") else ""
+    return (f"balanced acc {m['balanced_accuracy']:.4f} {ci('balanced_accuracy')}  "
+            f"macro AUC {m['macro_auc']:.4f}  malignant AUC {m['malignant_auc']:.4f} {ci('malignant_auc')}  "
+            f"mel recall {m['recall'].get('mel', float('nan')):.3f}")
+
+
+def main(paths: list[str]):
+    for path in paths:
+        _, probs, classes, labels = read_predictions(path)
+        print(f"{path}\n  {summary(probs, labels.map(classes.index).to_numpy(), classes)}")
+    print(f"ensemble of {len(paths)}\n  {summary(*mean_probabilities(paths))}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
