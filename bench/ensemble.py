@@ -12,17 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.evaluate import read_predictions  # noqa: E402
 from model.metrics import classification_metrics  # noqa: E402
-
-
-def read_predictions(path) -> tuple[pd.Series, np.ndarray, list, pd.Series]:
-    """(image paths, class probabilities, class names, labels) of one predictions.csv."""
-    table = pd.read_csv(path)
-    classes = list(table.columns[table.columns.get_loc("malignant_probability") + 1:])
-    return table["path"], table[classes].to_numpy(np.float64), classes, table["label"]
 
 
 def mean_probabilities(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -30,12 +23,12 @@ def mean_probabilities(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
     images, _, classes, labels = read_predictions(paths[0])
     members = []
     for path in paths:
-        other_images, probs, other_classes, _ = read_predictions(path)
-        if other_classes != classes or not other_images.equals(images):
+        other_images, probs, other_classes, other_labels = read_predictions(path)
+        if other_classes != classes or other_images != images or not np.array_equal(other_labels, labels):
             raise SystemExit(f"{path}: not the same images and classes as {paths[0]}; evaluate every "
                              "member on the same set")
         members.append(probs)
-    return np.mean(members, axis=0), labels.map(classes.index).to_numpy(), classes
+    return np.mean(members, axis=0), labels, classes
 
 
 def summary(probs, labels, classes) -> str:
@@ -49,7 +42,7 @@ def summary(probs, labels, classes) -> str:
 def main(paths: list[str]):
     for path in paths:
         _, probs, classes, labels = read_predictions(path)
-        print(f"{path}\n  {summary(probs, labels.map(classes.index).to_numpy(), classes)}")
+        print(f"{path}\n  {summary(probs, labels, classes)}")
     print(f"ensemble of {len(paths)}\n  {summary(*mean_probabilities(paths))}")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.evaluate import read_predictions  # noqa: E402
 from model.metrics import balanced_accuracy  # noqa: E402
 
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -33,11 +34,8 @@ def main(split_file: str, prediction_files: list[str]):
     split = pd.read_csv(split_file)
     train_dx = split.loc[split["split"] == "train", "dx"]
     for path in prediction_files:
-        predictions = pd.read_csv(path)
-        classes = list(predictions.columns[predictions.columns.get_loc("malignant_probability") + 1:])
+        _, probs, classes, labels = read_predictions(path)
         prior = np.array([(train_dx == c).mean() for c in classes])
-        labels = predictions["label"].map(classes.index).to_numpy()
-        probs = predictions[classes].to_numpy()
         scores = "  ".join(f"tau {tau}: {prior_corrected_balanced_accuracy(probs, labels, prior, tau):.4f}"
                            for tau in TAUS)
         print(f"{path}\n  balanced accuracy  {scores}")

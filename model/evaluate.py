@@ -74,3 +74,14 @@ def write_predictions(path: Path, predictor: Predictor, records, labels, probs) 
         writer.writerow(["path", "label", *probability_columns(predictor)])
         for record, label, p in zip(records, labels, probs):
             writer.writerow([os.path.normpath(record.path), predictor.classes[label], *probability_row(predictor, p)])
+
+
+def read_predictions(path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """(image paths, class probabilities, classes, labels as class indices) of a `write_predictions` file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f))
+    first = header.index("malignant_probability") + 1
+    classes = header[first:]
+    probs = np.array([[float(v) for v in row[first:]] for row in rows], np.float64).reshape(len(rows), len(classes))
+    labels = np.array([classes.index(row[header.index("label")]) for row in rows], int)
+    return [row[0] for row in rows], probs, classes, labels

@@ -101,6 +101,11 @@ def test_evaluate_and_predict_commands(trained_run, synthetic_data_shared, tmp_p
     predicted = np.array(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])[probs.argmax(axis=1)]
     assert list(predicted) == [r["prediction"] for r in per_image]
     assert np.mean(predicted == [r["label"] for r in per_image]) == pytest.approx(result["accuracy"], abs=1e-6)
+    from model.evaluate import read_predictions  # the reader the bench scripts use gives the same table back
+    paths, read_probs, classes, read_labels = read_predictions(out / "predictions.csv")
+    assert classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"] and paths == [r["path"] for r in per_image]
+    np.testing.assert_array_equal(read_probs, probs)
+    assert [classes[i] for i in read_labels] == [r["label"] for r in per_image]
 
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not an image")
