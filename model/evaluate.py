@@ -80,8 +80,8 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, list[str], np.ndarray
     """(image paths, class probabilities, classes, labels as class indices) of a `write_predictions` file."""
     with open(path, newline="", encoding="utf-8") as f:
         header, *rows = list(csv.reader(f))
-    first = header.index("malignant_probability") + 1
+    first, label = header.index("malignant_probability") + 1, header.index("label")
     classes = header[first:]
     probs = np.array([[float(v) for v in row[first:]] for row in rows], np.float64).reshape(len(rows), len(classes))
-    labels = np.array([classes.index(row[header.index("label")]) for row in rows], int)
+    labels = np.array([classes.index(row[label]) for row in rows], int)
     return [row[0] for row in rows], probs, classes, labels
