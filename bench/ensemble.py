@@ -18,17 +18,15 @@ from model.evaluate import read_predictions  # noqa: E402
 from model.metrics import classification_metrics  # noqa: E402
 
 
-def mean_probabilities(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
-    """The members' mean probabilities, the labels and the classes; refuses files that disagree."""
-    images, _, classes, labels = read_predictions(paths[0])
-    members = []
-    for path in paths:
-        other_images, probs, other_classes, other_labels = read_predictions(path)
+def read_members(paths: list[str]) -> list[tuple]:
+    """Every member's `read_predictions` table, read once; refuses files that disagree on images or classes."""
+    tables = [read_predictions(path) for path in paths]
+    images, _, classes, labels = tables[0]
+    for path, (other_images, _, other_classes, other_labels) in zip(paths, tables):
         if other_classes != classes or other_images != images or not np.array_equal(other_labels, labels):
             raise SystemExit(f"{path}: not the same images and classes as {paths[0]}; evaluate every "
                              "member on the same set")
-        members.append(probs)
-    return np.mean(members, axis=0), labels, classes
+    return tables
 
 
 def summary(probs, labels, classes) -> str:
@@ -40,10 +38,12 @@ def summary(probs, labels, classes) -> str:
 
 
 def main(paths: list[str]):
-    for path in paths:
-        _, probs, classes, labels = read_predictions(path)
+    tables = read_members(paths)
+    for path, (_, probs, classes, labels) in zip(paths, tables):
         print(f"{path}\n  {summary(probs, labels, classes)}")
-    print(f"ensemble of {len(paths)}\n  {summary(*mean_probabilities(paths))}")
+    _, _, classes, labels = tables[0]  # the same in every member (read_members checked)
+    mean = np.mean([probs for _, probs, _, _ in tables], axis=0)
+    print(f"ensemble of {len(paths)}\n  {summary(mean, labels, classes)}")
 
 
 if __name__ == "__main__":

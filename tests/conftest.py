@@ -44,7 +44,7 @@ def ham10000(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def peer_script() -> Path:
     """The PyTorch peer `../shared/bench/peer_torch.py`; skips when absent."""
-    return _require(REPO_ROOT.parent / "shared" / "bench" / "peer_torch.py", "the PyTorch peer")
+    return _require(SHARED_DATA.parent / "bench" / "peer_torch.py", "the PyTorch peer")
 
 
 @pytest.fixture(scope="session")
