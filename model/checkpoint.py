@@ -5,6 +5,7 @@ A checkpoint directory is an orbax CheckpointManager directory (one numbered ste
   metadata  : JSON: format, arch + its config, classes, task, image size, resize, normalisation,
               temperature, training data summary, split file, validation metrics, versions
   optimizer : (training runs only) optimiser state, for --resume
+  ema       : (training runs with --ema_decay only) the averaged weights, for --resume
   progress  : (training runs only) epoch, history, best score, for --resume
 A training workdir holds `latest/` (for --resume) and `best/` (by validation balanced accuracy);
 `best/` is what the predictor, `evaluate` and the app load.
@@ -20,10 +21,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .errors import UserError
-from .networks import build
+from .networks import WEIGHTS, build
 
 FORMAT = "lesionlens-checkpoint/1"
-WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
 def _manager(directory) -> ocp.CheckpointManager:
@@ -31,12 +31,15 @@ def _manager(directory) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(directory, step: int, model, metadata: dict, *, optimizer=None, progress: dict | None = None):
+def save(directory, step: int, model, metadata: dict, *, optimizer=None, progress: dict | None = None,
+         ema=None):
     """Write one step atomically (orbax writes to a temporary folder, then renames) and drop older ones."""
     items = {"model": ocp.args.StandardSave(nnx.state(model, WEIGHTS)),
              "metadata": ocp.args.JsonSave({"format": FORMAT, **metadata})}
     if optimizer is not None:
         items["optimizer"] = ocp.args.StandardSave(nnx.state(optimizer))
+    if ema is not None:
+        items["ema"] = ocp.args.StandardSave(nnx.state(ema, WEIGHTS))
     if progress is not None:
         items["progress"] = ocp.args.JsonSave(progress)
     with _manager(directory) as manager:
@@ -115,18 +118,28 @@ def _materialize(abstract):
     return jax.numpy.zeros(abstract.shape, abstract.dtype)
 
 
-def restore_training(directory, model, optimizer) -> dict | None:
-    """Resume: load weights and optimiser state in place; return the saved progress, or None if no checkpoint."""
+def restore_training(directory, model, optimizer, ema=None) -> dict | None:
+    """Resume: load weights, optimiser state (and averaged weights) in place; return the saved progress,
+    or None if no checkpoint."""
     step = latest_step(directory)
     if step is None:
         return None
-    args = ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model, WEIGHTS)),
-                              optimizer=ocp.args.StandardRestore(nnx.state(optimizer)),
-                              progress=ocp.args.JsonRestore())
-    with _manager(directory) as manager:
-        restored = manager.restore(step, args=args)
+    items = {"model": ocp.args.StandardRestore(nnx.state(model, WEIGHTS)),
+             "optimizer": ocp.args.StandardRestore(nnx.state(optimizer)),
+             "progress": ocp.args.JsonRestore()}
+    if ema is not None:
+        items["ema"] = ocp.args.StandardRestore(nnx.state(ema, WEIGHTS))
+    try:
+        with _manager(directory) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(f"{directory}: cannot resume from this checkpoint with the current settings "
+                        f"(architecture, --ema_decay or --body_lr_mult changed?): {type(e).__name__}: "
+                        f"{str(e)[:200]}. Resume with the run's own config.json, or train into a new --workdir.")
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
+    if ema is not None:
+        nnx.update(ema, restored["ema"])
     return restored["progress"]
 
 

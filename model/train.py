@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from . import checkpoint, metrics, report
@@ -24,7 +25,8 @@ from .networks import build
 from .predictor import Predictor
 from .preprocess import Normalisation
 from .splits import make_split, not_in, read_split, write_split
-from .train_step import class_weights, data_mesh, make_optimizer, make_train_step, replicate, shard_batch
+from .train_step import (class_weights, data_mesh, make_ema_update, make_optimizer, make_train_step, replicate,
+                         shard_batch)
 
 # ----------------------------------------------------------------------------------------------
 # Input pipeline
@@ -190,18 +192,22 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     train_step = make_train_step(aug=aug, norm=norm, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
                                  mixup=cfg.mixup, dtype=jnp.dtype(cfg.dtype))
     weights = jnp.asarray(class_weights(train.labels, num_classes, cfg.class_weighting))
+    # With weight averaging on, the average is the model that is evaluated, selected, saved and served.
+    ema_model = nnx.clone(model) if cfg.ema_decay else None
+    update_ema = make_ema_update(cfg.ema_decay) if cfg.ema_decay else None
+    served = ema_model or model
 
     # --- checkpoint: resume from latest/ if asked ---
     progress = {"epoch": 0, "history": [], "best_balanced_accuracy": -1.0, "best_epoch": 0}
     if cfg.resume:
-        restored = checkpoint.restore_training(workdir / "latest", model, optimizer)
+        restored = checkpoint.restore_training(workdir / "latest", model, optimizer, ema=ema_model)
         if restored is None:
             print(f"--resume: no checkpoint in {workdir / 'latest'}; starting from scratch.")
         else:
             progress = restored
             print(f"Resuming after epoch {progress['epoch']} of {cfg.epochs}.")
-    replicate((model, optimizer), mesh)
-    predictor = Predictor(model, metadata)
+    replicate((model, optimizer, served), mesh)
+    predictor = Predictor(served, metadata)
     log_path = workdir / "log.jsonl"
     # The log holds exactly the checkpointed epochs (a kill may land between save and log write).
     log_path.write_text("".join(json.dumps(row) + "\n" for row in progress["history"]))
@@ -218,6 +224,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             idx = np.sort(order[step * batch:(step + 1) * batch])
             images, labels = shard_batch(mesh, np.asarray(train.images[idx]), train.labels[idx])
             loss, pred = train_step(model, optimizer, images, labels, weights, jax.random.fold_in(key, step))
+            if update_ema:
+                update_ema(ema_model, model, (epoch - 1) * steps_per_epoch + step)
             losses.append(loss)
             preds.append(pred)
             seen.append(idx)
@@ -228,7 +236,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         epoch_time = time.time() - t0
 
         # --- evals ---
-        model.eval()
+        served.eval()
         # Model selection on the plain view: 8-view TTA every epoch would cost half an epoch on a CPU.
         val_metrics, _ = evaluate_split(predictor, val, classes, n_bootstrap=0, tta=False)
         row = {"epoch": epoch, "time_s": round(epoch_time, 1),
@@ -246,8 +254,9 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         if val_metrics["balanced_accuracy"] > progress["best_balanced_accuracy"]:
             progress["best_balanced_accuracy"] = val_metrics["balanced_accuracy"]
             progress["best_epoch"] = epoch
-            checkpoint.save(workdir / "best", epoch, model, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics}})
-        checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress)
+            checkpoint.save(workdir / "best", epoch, served, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics}})
+        checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress,
+                        ema=ema_model)
         # Logged after the checkpoint: a run killed in between redoes this epoch and logs it once.
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .augment import AugmentConfig, augment
+from .networks import WEIGHTS
 from .preprocess import Normalisation, normalise, shades_of_gray, to_unit
 
 # Parameters under these attribute names form the new classification head.
@@ -77,6 +78,22 @@ def make_train_step(*, aug: AugmentConfig, norm: Normalisation, num_classes: int
         return loss, jnp.argmax(logits, -1)
 
     return train_step
+
+
+def make_ema_update(decay: float):
+    """Returns update_ema(ema_model, model, step): ema <- d * ema + (1 - d) * weights, in place.
+
+    d = min(decay, (1 + step) / (10 + step)) warms the average up (as TensorFlow's and timm's EMA do):
+    a short run would otherwise be dominated by its starting weights and untrained head.
+    """
+
+    @nnx.jit
+    def update_ema(ema_model, model, step):
+        d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+        average = lambda e, w: (d * e + (1.0 - d) * w).astype(e.dtype)
+        nnx.update(ema_model, jax.tree.map(average, nnx.state(ema_model, WEIGHTS), nnx.state(model, WEIGHTS)))
+
+    return update_ema
 
 
 # --- data parallelism: one mesh axis over all local devices; params replicated, batch sharded ---

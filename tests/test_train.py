@@ -12,10 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import checkpoint
+from flax import nnx
+
+from model import checkpoint, report
 from model.config import make_config
+from model.errors import UserError
+from model.networks import build
 from model.predictor import Predictor
 from model.train import train_and_evaluate
+from model.train_step import make_ema_update
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,3 +234,42 @@ def test_extra_train_skips_exact_copies_of_held_out_images(synthetic_data, tmp_p
     n_split_train = sum(1 for line in (workdir / "split.csv").read_text().splitlines()[1:] if ",train," in line)
     assert data["train_images"] == n_split_train + 1
     assert list(result["external"]) == [str(tmp_path / "external" / "labels.csv")]
+
+
+def test_weight_average_warms_up_then_follows_its_decay():
+    model = build("simple_cnn", 7, seed=0)
+    average = nnx.clone(model)
+    start = np.asarray(average.classifier.kernel[...])
+    model.classifier.kernel[...] = model.classifier.kernel[...] + 1.0
+    update_ema = make_ema_update(0.9)
+    update_ema(average, model, 0)  # step 0: weight (1 + 0) / (10 + 0) = 0.1 on the old average
+    np.testing.assert_allclose(average.classifier.kernel[...], 0.1 * start + 0.9 * (start + 1), rtol=1e-6)
+    update_ema(average, model, 10_000)  # warmed up: the decay itself
+    np.testing.assert_allclose(average.classifier.kernel[...], 0.9 * (0.1 * start + 0.9 * (start + 1))
+                               + 0.1 * (start + 1), rtol=1e-6)
+
+
+def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_shared, tmp_path, monkeypatch):
+    """An --ema_decay run killed after epoch 2 and resumed logs the same validation as an uninterrupted one."""
+    def run(name, **overrides):
+        workdir = tmp_path / name
+        train_and_evaluate(smoke_config(synthetic_data_shared.ham_dir, workdir, epochs=3, dropout=0.0, **overrides))
+        return [json.loads(line)["val_loss"] for line in (workdir / "log.jsonl").read_text().splitlines()]
+
+    whole = run("whole", ema_decay=0.9)
+    plot = report.plot_learning_curves
+
+    def interrupt_after_epoch_2(history, path):
+        if len(history) == 2:
+            raise KeyboardInterrupt
+        plot(history, path)
+
+    monkeypatch.setattr(report, "plot_learning_curves", interrupt_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", ema_decay=0.9)
+    monkeypatch.undo()
+    assert run("resumed", ema_decay=0.9, resume=True) == pytest.approx(whole, rel=1e-5)
+    # Without the average, the same run evaluates other weights.
+    assert run("plain")[-1] != pytest.approx(whole[-1], rel=1e-3)
+    with pytest.raises(UserError, match="cannot resume.*--ema_decay"):
+        run("plain", ema_decay=0.9, resume=True)  # that checkpoint holds no average

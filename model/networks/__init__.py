@@ -22,6 +22,9 @@ ARCHITECTURES = {
     "resnet50": resnet50,
 }
 
+# The learned state of every network: what checkpoints store and weight averaging averages.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
 
 def build(arch: str, num_classes: int, *, seed: int = 0, **config) -> nnx.Module:
     """Build `arch` with random weights; `config` is stored in checkpoint metadata verbatim."""
