@@ -68,7 +68,8 @@ RECIPES = {
     # The bundled default: about 50 min of training on 2 free CPU cores (README "Results"). Full field
     # of view, Shades-of-Gray colour constancy, strong scale (crop 0.4-1) and colour augmentation,
     # 160 px: of all recipes measured it holds up best on ISIC 2017 (another source), which the
-    # in-domain winner `quick` does not.
+    # in-domain winner `quick` does not. Against the PyTorch peer at the same 160 px / 8 epochs: HAM validation
+    # balanced accuracy 0.753 / 0.748 (seeds 0 / 1) vs 0.777, ISIC 2017 test malignant AUC 0.725 vs 0.601.
     "default": dict(image_size=160, epochs=8, batch_size=48, lr=1e-3, resize="squash",
                     color_constancy=True, crop_scale_min=0.4, color_jitter=0.2,
                     class_weighting="sqrt", tta=True),
