@@ -83,8 +83,8 @@ def make_train_step(*, aug: AugmentConfig, norm: Normalisation, num_classes: int
 def make_ema_update(decay: float):
     """Returns update_ema(ema_model, model, step): ema <- d * ema + (1 - d) * weights, in place.
 
-    d = min(decay, (1 + step) / (10 + step)) warms the average up (as TensorFlow's and timm's EMA do):
-    a short run would otherwise be dominated by its starting weights and untrained head.
+    d = min(decay, (1 + step) / (10 + step)) warms the average up, as TensorFlow's ExponentialMovingAverage
+    does with num_updates: a short run would otherwise be dominated by its starting weights and untrained head.
     """
 
     @nnx.jit
