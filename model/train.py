@@ -235,8 +235,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         train_pred = np.concatenate([np.asarray(p) for p in preds])
         epoch_time = time.time() - t0
 
-        # --- evals ---
-        served.eval()
+        # --- evals --- (the predictor switches the served model to eval mode)
         # Model selection on the plain view: 8-view TTA every epoch would cost half an epoch on a CPU.
         val_metrics, _ = evaluate_split(predictor, val, classes, n_bootstrap=0, tta=False)
         row = {"epoch": epoch, "time_s": round(epoch_time, 1),
