@@ -40,6 +40,7 @@ class TrainConfig:
     class_weighting: str = "sqrt"          # "none", "sqrt" (inverse sqrt frequency) or "inverse"
     sampling: str = "uniform"              # "uniform" or "balanced" (each class equally often)
     mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 turns it off
+    cutmix: float = 0.0                    # Beta(a, a) CutMix strength (a box pasted from another image); 0: off
     ema_decay: float = 0.0                 # > 0 selects, saves and serves an exponential moving average
                                            # of the weights (e.g. 0.995 ~ the last 200 steps); 0: off
     crop_scale_min: float = 0.5

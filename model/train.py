@@ -190,7 +190,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                         contrast=cfg.color_jitter, saturation=cfg.color_jitter,
                         hue=0.15 * cfg.color_jitter, hair=cfg.hair_aug, vignette=cfg.vignette_aug)
     train_step = make_train_step(aug=aug, norm=norm, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                                 mixup=cfg.mixup, dtype=jnp.dtype(cfg.dtype))
+                                 mixup=cfg.mixup, cutmix=cfg.cutmix, dtype=jnp.dtype(cfg.dtype))
     weights = jnp.asarray(class_weights(train.labels, num_classes, cfg.class_weighting))
     # With weight averaging on, the average is the model that is evaluated, selected, saved and served.
     ema_model = nnx.clone(model) if cfg.ema_decay else None

@@ -49,8 +49,48 @@ def weighted_cross_entropy(logits, targets, weights):
     return jnp.sum(per_example * weights) / jnp.sum(weights)
 
 
+def cutmix_mask(key, lam, height: int, width: int):
+    """A (height, width) mask, 1 inside one random box of about (1 - lam) of the area (clipped at the edges)."""
+    k_y, k_x = jax.random.split(key)
+    ratio = jnp.sqrt(1.0 - lam)
+    cy = jax.random.uniform(k_y) * height
+    cx = jax.random.uniform(k_x) * width
+    rows = jnp.arange(height)[:, None] + 0.5
+    cols = jnp.arange(width)[None, :] + 0.5
+    inside = ((jnp.abs(rows - cy) < ratio * height / 2) & (jnp.abs(cols - cx) < ratio * width / 2))
+    return inside.astype(jnp.float32)
+
+
+def mix_batch(key, x, targets, weights, *, mixup: float = 0.0, cutmix: float = 0.0):
+    """Mixup or CutMix of each example with the batch reversed (no gather, so it shards cleanly).
+
+    With both on, each batch uses one of the two, chosen by a fair coin (as timm's Mixup does). Targets
+    and loss weights are mixed in the proportion of the pixels each image contributes.
+    """
+    height, width = x.shape[1:3]
+
+    def cutmix_keep(k):
+        k_lam, k_box = jax.random.split(k)
+        box = cutmix_mask(k_box, jax.random.beta(k_lam, cutmix, cutmix), height, width)
+        return (1.0 - box)[None, :, :, None]
+
+    if mixup > 0 and cutmix > 0:
+        k_coin, k_mix = jax.random.split(key)
+        keep = jnp.where(jax.random.bernoulli(k_coin), cutmix_keep(k_mix), jax.random.beta(k_mix, mixup, mixup))
+    elif cutmix > 0:
+        keep = cutmix_keep(key)
+    elif mixup > 0:
+        keep = jax.random.beta(key, mixup, mixup)
+    else:
+        return x, targets, weights
+    lam = jnp.mean(jnp.broadcast_to(keep, (1, height, width, 1)))  # the share of each image that stays its own
+    keep = keep.astype(x.dtype)
+    mixed = keep * x + (1 - keep) * x[::-1]
+    return mixed, lam * targets + (1 - lam) * targets[::-1], lam * weights + (1 - lam) * weights[::-1]
+
+
 def make_train_step(*, aug: AugmentConfig, norm: Normalisation, num_classes: int,
-                    label_smoothing: float = 0.0, mixup: float = 0.0, dtype=jnp.float32):
+                    label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, dtype=jnp.float32):
     """Returns train_step(model, optimizer, images_u8, labels, class_weights, key) -> (loss, predictions)."""
 
     @nnx.jit
@@ -61,13 +101,7 @@ def make_train_step(*, aug: AugmentConfig, norm: Normalisation, num_classes: int
             x = shades_of_gray(x)
         x = normalise(augment(k_aug, x, aug), norm).astype(dtype)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-        weights = weights_per_class[labels]
-        if mixup > 0:
-            # Mix each image with the batch reversed: no gather, and it shards cleanly.
-            lam = jax.random.beta(k_mix, mixup, mixup)
-            x = lam * x + (1 - lam) * x[::-1]
-            targets = lam * targets + (1 - lam) * targets[::-1]
-            weights = lam * weights + (1 - lam) * weights[::-1]
+        x, targets, weights = mix_batch(k_mix, x, targets, weights_per_class[labels], mixup=mixup, cutmix=cutmix)
 
         def loss_fn(model):
             logits = model(x)

@@ -9,18 +9,22 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flax import nnx
 
 from model import checkpoint, report
+from model.augment import AugmentConfig
 from model.config import make_config
 from model.errors import UserError
 from model.networks import build
 from model.predictor import Predictor
+from model.preprocess import Normalisation
 from model.train import train_and_evaluate
-from model.train_step import make_ema_update
+from model.train_step import make_ema_update, make_optimizer, make_train_step, mix_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +188,7 @@ import json, numpy as np, jax, jax.numpy as jnp
 from model.networks import build
 from model.augment import AugmentConfig
 from model.preprocess import Normalisation
-from model.train_step import make_optimizer, make_train_step, data_mesh, replicate, shard_batch
+from model.train_step import make_optimizer, make_train_step, mix_batch, data_mesh, replicate, shard_batch
 model = build("simple_cnn", 7, seed=0, dropout=0.0)
 optimizer = make_optimizer(model, lr=1e-3, weight_decay=1e-4, total_steps=10, warmup_steps=1)
 mesh = data_mesh()
@@ -198,12 +202,18 @@ losses = []
 for i in range(3):
     loss, _ = step(model, optimizer, *shard_batch(mesh, x, y), jnp.ones(7), jax.random.key(i))
     losses.append(float(loss))
-print(json.dumps({"devices": jax.device_count(), "batch_devices": len(loss.sharding.device_set), "losses": losses}))
+# Mixing pairs each example with the batch reversed, across shards: the same mix as on one device.
+mix = jax.jit(lambda k, *arrays: mix_batch(k, *arrays, mixup=0.2, cutmix=1.0))
+batch = (rng.normal(size=(8, 32, 32, 3)).astype(np.float32), np.eye(7, dtype=np.float32)[y], rng.uniform(size=8))
+mix_error = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for i in range(8)
+                for a, b in zip(mix(jax.random.key(i), *batch), mix(jax.random.key(i), *shard_batch(mesh, *batch))))
+print(json.dumps({"devices": jax.device_count(), "batch_devices": len(loss.sharding.device_set), "losses": losses,
+                  "mix_error": mix_error}))
 """
 
 
 def test_data_parallel_matches_one_device():
-    """4 fake CPU devices (XLA_FLAGS) give the same losses as 1, step after step."""
+    """4 fake CPU devices (XLA_FLAGS) give the same losses as 1, step after step, and the same mixed batches."""
     results = {}
     for n in (1, 4):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
@@ -213,6 +223,7 @@ def test_data_parallel_matches_one_device():
         results[n] = json.loads(done.stdout.strip().splitlines()[-1])
     assert results[4]["devices"] == 4 and results[1]["devices"] == 1
     np.testing.assert_allclose(results[4]["losses"], results[1]["losses"], rtol=1e-4)
+    assert results[4]["mix_error"] < 1e-5
 
 
 def test_extra_train_skips_exact_copies_of_held_out_images(synthetic_data, tmp_path):
@@ -273,3 +284,49 @@ def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_
     assert run("plain")[-1] != pytest.approx(whole[-1], rel=1e-3)
     with pytest.raises(UserError, match="cannot resume.*--ema_decay"):
         run("plain", ema_decay=0.9, resume=True)  # that checkpoint holds no average
+
+
+def two_image_batch(size=(24, 32)):
+    """Image 0 all zeros (class 0), image 1 all ones (class 1): a mixed pixel tells where it came from."""
+    x = jnp.stack([jnp.zeros((*size, 3)), jnp.ones((*size, 3))])
+    return x, jnp.eye(2), jnp.array([1.0, 3.0])
+
+
+def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
+    x, targets, weights = two_image_batch()
+    areas = []
+    for seed in range(20):
+        mixed, mixed_targets, mixed_weights = mix_batch(jax.random.key(seed), x, targets, weights, cutmix=1.0)
+        pasted = np.asarray(mixed[0, :, :, 0])
+        assert set(np.unique(pasted)) <= {0.0, 1.0}  # whole pixels from one image or the other
+        rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+        if rows.size:  # one axis-aligned rectangle: every pixel of its bounding box is pasted
+            assert pasted[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and pasted.sum() == rows.size * cols.size
+        share = pasted.mean()
+        areas.append(share)
+        np.testing.assert_allclose(mixed_targets[0], [1 - share, share], atol=1e-6)
+        np.testing.assert_allclose(mixed_weights[0], (1 - share) * 1.0 + share * 3.0, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(mixed[1, :, :, 0]), 1 - pasted)  # the partner gets the same box
+    assert 0.1 < np.mean(areas) < 0.9 and np.std(areas) > 0.05  # Beta(1, 1): box sizes vary widely
+
+
+def test_mixup_blends_whole_images_and_both_together_take_turns():
+    x, targets, weights = two_image_batch()
+    mixed, mixed_targets, _ = mix_batch(jax.random.key(0), x, targets, weights, mixup=0.4)
+    share = float(mixed[0, 0, 0, 0])
+    np.testing.assert_allclose(mixed[0], share, atol=1e-6)  # a uniform blend, no box
+    np.testing.assert_allclose(mixed_targets[0], [1 - share, share], atol=1e-6)
+    kinds = set()
+    for seed in range(16):
+        mixed, _, _ = mix_batch(jax.random.key(seed), x, targets, weights, mixup=0.4, cutmix=1.0)
+        is_box = set(np.unique(np.asarray(mixed[0]))) <= {0.0, 1.0}
+        kinds.add("cutmix" if is_box else "mixup")
+    assert kinds == {"cutmix", "mixup"}
+    step = make_train_step(aug=AugmentConfig(), norm=Normalisation(), num_classes=7, mixup=0.4, cutmix=1.0)
+    model = build("simple_cnn", 7, seed=0)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=1e-4, total_steps=2, warmup_steps=1)
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    loss, _ = step(model, optimizer, images, np.arange(4, dtype=np.int32), jnp.ones(7), jax.random.key(0))
+    assert np.isfinite(float(loss))  # the jitted step compiles with both on
+    same = mix_batch(jax.random.key(0), x, targets, weights)
+    assert all(a is b for a, b in zip(same, (x, targets, weights)))  # both off: untouched
