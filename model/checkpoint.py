@@ -6,6 +6,8 @@ A checkpoint directory is an orbax CheckpointManager directory (one numbered ste
               temperature, training data summary, split file, validation metrics, versions
   optimizer : (training runs only) optimiser state, for --resume
   ema       : (training runs with --ema_decay only) the averaged weights, for --resume
+  rngs      : (training runs only) how far each dropout stream has drawn, so --resume draws the
+              masks the uninterrupted run would have drawn
   progress  : (training runs only) epoch, history, best score, for --resume
 A training workdir holds `latest/` (for --resume) and `best/` (by validation balanced accuracy);
 `best/` is what the predictor, `evaluate` and the app load.
@@ -38,6 +40,7 @@ def save(directory, step: int, model, metadata: dict, *, optimizer=None, progres
              "metadata": ocp.args.JsonSave({"format": FORMAT, **metadata})}
     if optimizer is not None:
         items["optimizer"] = ocp.args.StandardSave(nnx.state(optimizer))
+        items["rngs"] = ocp.args.StandardSave(nnx.state(model, nnx.RngCount))
     if ema is not None:
         items["ema"] = ocp.args.StandardSave(nnx.state(ema, WEIGHTS))
     if progress is not None:
@@ -129,6 +132,9 @@ def restore_training(directory, model, optimizer, ema=None) -> dict | None:
              "progress": ocp.args.JsonRestore()}
     if ema is not None:
         items["ema"] = ocp.args.StandardRestore(nnx.state(ema, WEIGHTS))
+    has_rngs = (Path(directory) / str(step) / "rngs").exists()  # absent in checkpoints written before it was
+    if has_rngs:
+        items["rngs"] = ocp.args.StandardRestore(nnx.state(model, nnx.RngCount))
     try:
         with _manager(directory) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -140,6 +146,8 @@ def restore_training(directory, model, optimizer, ema=None) -> dict | None:
     nnx.update(optimizer, restored["optimizer"])
     if ema is not None:
         nnx.update(ema, restored["ema"])
+    if has_rngs:
+        nnx.update(model, restored["rngs"])
     return restored["progress"]
 
 

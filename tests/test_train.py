@@ -260,14 +260,13 @@ def test_weight_average_warms_up_then_follows_its_decay():
                                + 0.1 * (start + 1), rtol=1e-6)
 
 
-def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_shared, tmp_path, monkeypatch):
-    """An --ema_decay run killed after epoch 2 and resumed logs the same validation as an uninterrupted one."""
-    def run(name, **overrides):
-        workdir = tmp_path / name
-        train_and_evaluate(smoke_config(synthetic_data_shared.ham_dir, workdir, epochs=3, dropout=0.0, **overrides))
-        return [json.loads(line)["val_loss"] for line in (workdir / "log.jsonl").read_text().splitlines()]
+def logged_val_losses(data_dir, workdir, **overrides) -> list[float]:
+    train_and_evaluate(smoke_config(data_dir, workdir, epochs=3, **overrides))
+    return [json.loads(line)["val_loss"] for line in (workdir / "log.jsonl").read_text().splitlines()]
 
-    whole = run("whole", ema_decay=0.9)
+
+def interrupted_then_resumed(monkeypatch, data_dir, workdir, **overrides) -> list[float]:
+    """Stop a 3-epoch run right after its epoch-2 checkpoint, resume it, return the logged validation losses."""
     plot = report.plot_learning_curves
 
     def interrupt_after_epoch_2(history, path):
@@ -277,13 +276,28 @@ def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_
 
     monkeypatch.setattr(report, "plot_learning_curves", interrupt_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run("resumed", ema_decay=0.9)
+        logged_val_losses(data_dir, workdir, **overrides)
     monkeypatch.undo()
-    assert run("resumed", ema_decay=0.9, resume=True) == pytest.approx(whole, rel=1e-5)
+    return logged_val_losses(data_dir, workdir, resume=True, **overrides)
+
+
+def test_resumed_run_continues_the_dropout_stream(synthetic_data_shared, tmp_path, monkeypatch):
+    """Dropout masks after a resume are the ones the uninterrupted run drew, so the runs agree exactly."""
+    data = synthetic_data_shared.ham_dir
+    whole = logged_val_losses(data, tmp_path / "whole", dropout=0.5)
+    assert interrupted_then_resumed(monkeypatch, data, tmp_path / "resumed", dropout=0.5) == pytest.approx(whole, rel=1e-5)
+
+
+def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_shared, tmp_path, monkeypatch):
+    """An --ema_decay run killed after epoch 2 and resumed logs the same validation as an uninterrupted one."""
+    data = synthetic_data_shared.ham_dir
+    whole = logged_val_losses(data, tmp_path / "whole", dropout=0.0, ema_decay=0.9)
+    resumed = interrupted_then_resumed(monkeypatch, data, tmp_path / "resumed", dropout=0.0, ema_decay=0.9)
+    assert resumed == pytest.approx(whole, rel=1e-5)
     # Without the average, the same run evaluates other weights.
-    assert run("plain")[-1] != pytest.approx(whole[-1], rel=1e-3)
-    with pytest.raises(UserError, match="cannot resume.*--ema_decay"):
-        run("plain", ema_decay=0.9, resume=True)  # that checkpoint holds no average
+    assert logged_val_losses(data, tmp_path / "plain", dropout=0.0)[-1] != pytest.approx(whole[-1], rel=1e-3)
+    with pytest.raises(UserError, match="cannot resume.*--ema_decay"):  # that checkpoint holds no average
+        logged_val_losses(data, tmp_path / "plain", dropout=0.0, ema_decay=0.9, resume=True)
 
 
 def two_image_batch(size=(24, 32)):
