@@ -66,6 +66,21 @@ def test_checkpoint_is_self_describing(trained_run):
     assert point["threshold"] == meta["operating_point"]["threshold"] and point["malignant_sensitivity"] >= 0.9
 
 
+def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
+    workdir, _ = trained_run
+    done = subprocess.run([sys.executable, "bench/test_resolution.py", "--checkpoint", str(workdir / "best"),
+                           "--sizes", "32", "48", "--eval", f"{workdir / 'split.csv'}:val"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["size"] for r in rows] == [32, 48]
+    at_training_size, larger = (r[f"{workdir / 'split.csv'}:val"] for r in rows)
+    # At the training size it reproduces the validation the checkpoint was selected on.
+    val = checkpoint.read_metadata(workdir)["metrics"]["val"]
+    assert at_training_size["balanced_accuracy"] == pytest.approx(val["balanced_accuracy"], abs=1e-4)
+    assert larger["ece"] != at_training_size["ece"]  # the larger input really went through the model
+
+
 def test_predictor_rebuilds_model_from_metadata_alone(trained_run, synthetic_data_shared):
     workdir, _ = trained_run
     predictor = Predictor.load(workdir / "best")
