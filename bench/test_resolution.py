@@ -24,9 +24,10 @@ REPORTED = ("balanced_accuracy", "macro_auc", "malignant_auc", "ece")
 
 def scores_at_sizes(checkpoint: str, sizes: list[int], evals: list[str]):
     """One result per size: the checkpoint's own evaluation (as `evaluate`, no bootstrap) at that input size."""
-    predictor = Predictor.load(checkpoint)
+    trained = Predictor.load(checkpoint)
     for size in sizes:
-        predictor.image_size = size  # what `prepare` and the image cache resize to
+        # The same network, described as taking `size` px: images are prepared and cached at that size.
+        predictor = Predictor(trained.model, {**trained.metadata, "image_size": size})
         result = {"checkpoint": checkpoint, "size": size}
         for spec in evals:
             scores, _ = evaluate_split(predictor, labelled_split(predictor, spec), predictor.classes, n_bootstrap=0)
