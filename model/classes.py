@@ -31,6 +31,11 @@ ALIASES = {
     "nevus": "nv",
     "naevus": "nv",
     "seborrheic_keratosis": "bkl",
+    # ISIC 2018/2019 challenge columns. HAM's akiec covers actinic keratoses and intraepithelial
+    # carcinoma (Bowen's disease); ISIC 2019's invasive SCC has no HAM class and is mapped to akiec
+    # too, the closest keratinocyte class (a stretch: the model card says so).
+    "ak": "akiec",
+    "scc": "akiec",
 }
 
 

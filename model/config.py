@@ -14,7 +14,9 @@ SHARED_DATA = "../shared/data"
 @dataclass
 class TrainConfig:
     # --- data ---
-    data: str = f"{SHARED_DATA}/ham10000"  # ISIC metadata dir/CSV, class folders, or a path,dx CSV
+    # Training sources, each split by its own lesions with a validation part of its own: an ISIC
+    # metadata or challenge folder/CSV, class folders, or a path,dx CSV; "NAME=PATH[:split,split]".
+    data: list = field(default_factory=lambda: [f"{SHARED_DATA}/ham10000"])
     task: str = "ham7"                     # "ham7" (7 HAM classes) or "binary" (malignant vs benign)
     extra_train: list = field(default_factory=list)  # more labelled sets for training only, "CSV[:split,split]"
     external_eval: list = field(default_factory=list)  # never used for selection: reported at the end
@@ -22,7 +24,8 @@ class TrainConfig:
     split_seed: int = 0
     split_file: str = ""                   # reuse an existing split CSV instead of making one
     image_size: int = 160
-    resize: str = "squash"                 # "squash" the full frame (as ISIC 2017 did) or "center" crop
+    resize: str = "squash"                 # "squash" the full frame (as ISIC 2017 did), "center" crop, or
+                                           # "fov": crop to the dermatoscope's round field of view, then squash
     color_constancy: bool = False
     # --- model ---
     arch: str = "efficientnet_lite0"
@@ -38,7 +41,8 @@ class TrainConfig:
     body_lr_mult: float = 1.0              # < 1 slows the pretrained body relative to the new head
     label_smoothing: float = 0.1
     class_weighting: str = "sqrt"          # "none", "sqrt" (inverse sqrt frequency) or "inverse"
-    sampling: str = "uniform"              # "uniform" or "balanced" (each class equally often)
+    sampling: str = "uniform"              # "uniform", "balanced" (each class equally often), "sources"
+                                           # (each source equally often) or "sources_balanced" (both)
     mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 turns it off
     cutmix: float = 0.0                    # Beta(a, a) CutMix strength (a box pasted from another image); 0: off
     ema_decay: float = 0.0                 # > 0 selects, saves and serves an exponential moving average
@@ -89,6 +93,16 @@ RECIPES = {
     "default_accelerator": dict(image_size=224, epochs=30, batch_size=64, lr=1e-3, resize="squash",
                                 color_constancy=True, crop_scale_min=0.4, color_jitter=0.2, tta=True,
                                 dtype="bfloat16"),
+    # Several sources (HAM10000, ISIC 2017 train/val, BCN_20000), each with its own lesion-grouped
+    # validation part; the dermatoscope's field of view cropped out of its black frame. 128 px:
+    # BCN_20000 comes as 84 px thumbnails, and the budget is ~2 h on 2 CPU cores (README "Results").
+    "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
+                              f"{SHARED_DATA}/isic2019_bcn"],
+                        split_file="data/splits/ham10000_val15_seed0.csv",
+                        external_eval=[f"{SHARED_DATA}/isic2017/labels.csv:test"],
+                        image_size=128, epochs=6, batch_size=48, lr=1e-3, resize="fov",
+                        color_constancy=True, crop_scale_min=0.4, color_jitter=0.2,
+                        class_weighting="sqrt", tta=True),
     # A few steps on tiny images: the same code path as a real run, for tests and debugging.
     "smoke": dict(arch="simple_cnn", pretrained=False, image_size=32, epochs=2, batch_size=8,
                   max_steps_per_epoch=3, tta=False, warmup_epochs=0.0),
@@ -99,7 +113,10 @@ def make_config(recipe: str = "default", **overrides) -> TrainConfig:
     if recipe not in RECIPES:
         from .errors import UserError
         raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    return TrainConfig(**{**RECIPES[recipe], **overrides})
+    settings = {**RECIPES[recipe], **overrides}
+    if isinstance(settings.get("data"), str):  # one source given as a plain path
+        settings["data"] = [settings["data"]]
+    return TrainConfig(**settings)
 
 
 def add_arguments(parser):

@@ -188,24 +188,32 @@ def read_isic_metadata(csv_path, image_dir=None) -> Dataset:
     missing metadata are counted in `notes`; they never stop the read.
     """
     csv_path = Path(csv_path).expanduser().absolute()
-    image_dir = Path(image_dir).expanduser().absolute() if image_dir else csv_path.parent
-    if not image_dir.is_dir():
-        raise UserError(f"{image_dir}: image folder not found; pass the folder holding the images for {csv_path.name}.")
     cols, rows = _read_csv(csv_path)
     _require(csv_path, cols, {"image_id": ("image_id",), "dx": ("dx",)},
              "An ISIC/HAM10000 metadata CSV has one row per image with its image_id and diagnosis (dx).")
+    return _read_by_image_id(csv_path, image_dir, cols, rows)
 
+
+def _image_index(image_dir: Path) -> tuple[dict[str, Path], int, int]:
+    """Image files under `image_dir` by stem, with counts of repeated names and derived (mask) files."""
     by_stem: dict[str, Path] = {}
     duplicate_files, derived = 0, 0
     for p in _walk_images(image_dir):
         if _is_derived(p):
             derived += 1
-            continue
-        if p.stem in by_stem:
+        elif p.stem in by_stem:
             duplicate_files += 1
         else:
             by_stem[p.stem] = p
+    return by_stem, duplicate_files, derived
 
+
+def _read_by_image_id(csv_path: Path, image_dir, cols: list[str], rows: list[dict], problems=()) -> Dataset:
+    """Records for rows keyed `image_id` and `dx` (plus optional metadata), images found by stem."""
+    image_dir = Path(image_dir).expanduser().absolute() if image_dir else csv_path.parent
+    if not image_dir.is_dir():
+        raise UserError(f"{image_dir}: image folder not found; pass the folder holding the images for {csv_path.name}.")
+    by_stem, duplicate_files, derived = _image_index(image_dir)
     records, seen = [], set()
     no_image, no_label, repeated = [], 0, 0
     missing = Counter()
@@ -231,19 +239,76 @@ def read_isic_metadata(csv_path, image_dir=None) -> Dataset:
         records.append(Record(str(path), canonical_label(dx), **_metadata_fields(row, cols, missing)))
 
     orphans = sorted(set(by_stem) - seen)
-    notes = _read_notes(records, missing, [
+    notes = _read_notes(records, missing, [*problems,
         (no_image, f"{len(no_image)} rows have no image file under {image_dir} (e.g. {_examples(no_image)})"),
         (orphans, f"{len(orphans)} images under {image_dir} have no row in {csv_path.name} (e.g. {_examples(orphans)})"),
-        (no_label, f"{no_label} rows have an empty image_id or dx and were skipped"),
-        (repeated, f"{repeated} rows repeat an image_id already read and were skipped"),
+        (no_label, f"{no_label} rows have an empty image id or diagnosis and were skipped"),
+        (repeated, f"{repeated} rows repeat an image id already read and were skipped"),
         (duplicate_files, f"{duplicate_files} image files share a name with another under {image_dir}; "
                           "the first (sorted) was used"),
         (derived, f"ignored {derived} segmentation/mask files")])
     if not records:
         raise UserError(f"{csv_path}: no row matched an image file under {image_dir} "
                         f"({len(rows)} rows, {len(by_stem)} images found). Pass the folder holding "
-                        "the <image_id>.jpg files as the image folder.")
+                        "the <image id>.jpg files as the image folder.")
     return Dataset(records, str(csv_path), notes)
+
+
+# ISIC 2018 task 3 and ISIC 2019 one-hot ground truth: `image` then one column per diagnosis.
+CHALLENGE_CLASS_COLUMNS = ("mel", "nv", "bcc", "ak", "akiec", "bkl", "df", "vasc", "scc", "unk")
+
+
+def _is_one(value) -> bool | None:
+    try:
+        return float(value) >= 0.5
+    except (TypeError, ValueError):
+        return None
+
+
+def read_isic_challenge(csv_path, image_dir=None, metadata_csv=None) -> Dataset:
+    """ISIC 2018 task 3 / ISIC 2019 ground truth: `image, MEL, NV, BCC, AK(IEC), BKL, DF, VASC[, SCC, UNK]`
+    one-hot (1.0 / 0.0), optionally joined by `image` with the challenge's metadata CSV
+    (`image, age_approx, anatom_site_general, lesion_id, sex`).
+
+    Images are found under `image_dir` (default: the CSV's folder, searched recursively, which
+    covers `ISIC_2019_Training_Input/`). AK and SCC map to akiec (see `classes.ALIASES`); UNK rows
+    and rows that are not exactly one-hot are counted in the notes and skipped.
+    """
+    csv_path = Path(csv_path).expanduser().absolute()
+    cols, rows = _read_csv(csv_path)
+    _require(csv_path, cols, {"image": ("image", "image_id")},
+             "An ISIC challenge ground-truth CSV has one row per image: its id, then a 1.0/0.0 column per diagnosis.")
+    image_col = _first(cols, ("image", "image_id"))
+    class_cols = [c for c in cols if c in CHALLENGE_CLASS_COLUMNS]
+    if len(class_cols) < 2:
+        raise UserError(f"{csv_path}: expected one-hot diagnosis columns such as MEL, NV, BCC, AK, BKL, DF, VASC; "
+                        f"found {', '.join(cols)}.")
+    meta_rows, meta_cols = {}, []
+    if metadata_csv is not None:
+        meta_cols, rows_meta = _read_csv(Path(metadata_csv))
+        meta_key = _first(meta_cols, ("image", "image_id", "isic_id"))
+        if meta_key is None:
+            raise UserError(f"{metadata_csv}: no `image` column to join the metadata to {csv_path.name} by.")
+        meta_rows = {_clean(r.get(meta_key)): r for r in rows_meta}
+    joined, not_one_hot, unknown, no_meta = [], 0, 0, 0
+    for row in rows:
+        hot = [c for c in class_cols if _is_one(row.get(c))]
+        image_id = _clean(row.get(image_col))
+        meta = meta_rows.get(image_id)
+        if metadata_csv is not None and meta is None:
+            no_meta += 1
+        if len(hot) != 1:
+            not_one_hot += 1
+            continue
+        if hot[0] == "unk":
+            unknown += 1
+            continue
+        joined.append({**(meta or {}), "image_id": image_id, "dx": hot[0]})
+    out_cols = ["image_id", "dx", *meta_cols]
+    return _read_by_image_id(csv_path, image_dir, out_cols, joined, problems=[
+        (not_one_hot, f"{not_one_hot} rows do not have exactly one diagnosis column set to 1 and were skipped"),
+        (unknown, f"{unknown} rows are labelled UNK (unknown diagnosis) and were skipped"),
+        (no_meta, f"{no_meta} images have no row in {Path(metadata_csv).name if metadata_csv else ''}")])
 
 
 def _class_root(root: Path) -> Path:
@@ -351,31 +416,62 @@ def read_labelled_csv(csv_path, split=None) -> Dataset:
     return Dataset(records, source, notes)
 
 
-def _csv_kind(path: Path) -> str | None:
+def _csv_header(path: Path) -> list[str]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            header = [h.strip().lower() for h in next(csv.reader(f), [])]
+            return [h.strip().lower() for h in next(csv.reader(f), [])]
     except (OSError, UnicodeDecodeError, csv.Error):
-        return None
+        return []
+
+
+def _csv_kind(path: Path) -> str | None:
+    """'labelled' (path,dx), 'isic' (image_id,dx), 'challenge' (image + one-hot diagnoses),
+    'challenge_metadata' (image + age/site/lesion_id, no labels), or None."""
+    header = _csv_header(path)
     if "dx" in header or "label" in header or "diagnosis" in header:
         if any(h in header for h in ("path", "filepath", "file", "filename")):
             return "labelled"
         if "image_id" in header:
             return "isic"
+    if "image" in header or "image_id" in header:
+        if sum(h in CHALLENGE_CLASS_COLUMNS for h in header) >= 2:
+            return "challenge"
+        if any(h in header for h in ("lesion_id", "age_approx", "anatom_site_general", "sex")):
+            return "challenge_metadata"
     return None
+
+
+def _label_csvs(folder: Path) -> list[Path]:
+    """CSV files in `folder` and, as challenge zips extract, in its immediate sub-folders."""
+    found = sorted(folder.glob("*.csv"))
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"):
+        found += sorted(sub.glob("*.csv"))
+    return found
+
+
+def _read_challenge_folder(folder: Path, ground_truth: Path, csvs: list[Path]) -> Dataset:
+    metadata = [p for p in csvs if _csv_kind(p) == "challenge_metadata"]
+    if len(metadata) > 1:  # e.g. training and test metadata side by side: take the one named like the labels
+        stem = ground_truth.stem.lower().replace("groundtruth", "")
+        metadata = [p for p in metadata if p.stem.lower().replace("metadata", "") == stem] or metadata[:0]
+    return read_isic_challenge(ground_truth, folder, metadata[0] if metadata else None)
 
 
 def load_dataset(source, split=None) -> Dataset:
     """Read any supported layout:
 
     - a folder holding a `*metadata*.csv` with image_id,dx (HAM10000/ISIC download) -> ISIC reader,
+    - a folder holding an ISIC 2018/2019 challenge ground-truth CSV (image + one-hot diagnoses),
+      with the images and the optional metadata CSV anywhere beside it -> challenge reader,
     - a folder holding one CSV with path,dx (e.g. ISIC 2017 `labels.csv`) -> labelled-CSV reader,
     - a folder of class folders -> folder reader,
-    - a `.csv` file: labelled CSV when it has a `path` column, else ISIC metadata (image_id,dx).
+    - a `.csv` file: labelled CSV when it has a `path` column, challenge CSV when it is one-hot,
+      else ISIC metadata (image_id,dx).
+    Label CSVs are looked for in the folder and in its immediate sub-folders.
     """
     path = Path(source).expanduser().absolute()
-    expected = ("Expected a metadata CSV (image_id,dx), a labelled CSV (path,dx), "
-                "or a folder with one sub-folder of images per class.")
+    expected = ("Expected a metadata CSV (image_id,dx), an ISIC challenge ground-truth CSV, a labelled CSV "
+                "(path,dx), or a folder with one sub-folder of images per class.")
     if not path.exists():
         raise UserError(f"{path}: no such file or folder. {expected}")
     if path.is_file():
@@ -385,20 +481,58 @@ def load_dataset(source, split=None) -> Dataset:
         if kind == "labelled":
             return read_labelled_csv(path, split)
         if split is not None:
-            raise UserError(f"{path}: a metadata CSV has no split column, so split={split!r} cannot be applied; "
+            raise UserError(f"{path}: this CSV has no split column, so split={split!r} cannot be applied; "
                             "leave it out and make a split with model.splits.make_split.")
+        if kind == "challenge":
+            return _read_challenge_folder(path.parent, path, _label_csvs(path.parent))
         return read_isic_metadata(path)  # also raises the missing-columns error for other CSVs
-    csvs = sorted(path.glob("*.csv"))
-    meta = [p for p in csvs if "metadata" in p.name.lower() and _csv_kind(p) == "isic"]
-    labelled = [p for p in csvs if _csv_kind(p) == "labelled"]
-    if len(meta) > 1 or (not meta and len(labelled) > 1):
-        raise UserError(f"{path}: several label CSVs ({', '.join(p.name for p in meta or labelled)}); "
-                        "pass the one to use instead of the folder.")
+    csvs = _label_csvs(path)
+    kinds = {p: _csv_kind(p) for p in csvs}
+    meta = [p for p in csvs if "metadata" in p.name.lower() and kinds[p] == "isic"]
+    challenge = [p for p in csvs if kinds[p] == "challenge"]
+    labelled = [p for p in csvs if kinds[p] == "labelled"]
+    for found in (meta, challenge, labelled):
+        if len(found) > 1:
+            raise UserError(f"{path}: several label CSVs ({', '.join(str(p.relative_to(path)) for p in found)}); "
+                            "pass the one to use instead of the folder.")
     if meta:
         return load_dataset(meta[0], split)
+    if challenge:
+        if split is not None:
+            raise UserError(f"{path}: an ISIC challenge CSV has no split column, so split={split!r} cannot be "
+                            "applied; leave it out (training makes a lesion-grouped split).")
+        return _read_challenge_folder(path, challenge[0], csvs)
     if labelled:
         return read_labelled_csv(labelled[0], split)
     return read_class_folders(path, split)
+
+
+def parse_source(spec: str) -> tuple[str, str, list[str]]:
+    """'NAME=labels.csv:train,val' -> ('NAME', 'labels.csv', ['train', 'val']).
+
+    A bare path means every row; the name defaults to the data's folder name (`ham10000`,
+    `isic2017`, `isic2019_bcn`), so results and metadata say which source they came from.
+    """
+    name, _, rest = spec.partition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+    path, _, splits = rest.rpartition(":") if ":" in rest and not os.path.exists(rest) else (rest, "", "")
+    if not name:
+        p = Path(path)
+        name = (p.parent.name if p.suffix.lower() == ".csv" else p.name) or str(p)
+    return name, path, [s for s in splits.split(",") if s]
+
+
+def load_labelled(spec: str, task: str) -> tuple[list[Record], np.ndarray, tuple[str, ...], list[str | None]]:
+    """Records of a source spec (see `parse_source`) under `task`, their labels, the task's classes,
+    and for each record the split it was read from (None when the spec names no split)."""
+    _, path, splits = parse_source(spec)
+    records, labels, origin = [], [], []
+    classes = TASKS.get(task)
+    for split in splits or [None]:
+        recs, labs, classes = select_task(load_dataset(path, split=split), task)
+        records += list(recs)
+        labels += list(labs)
+        origin += [split] * len(recs)
+    return records, np.asarray(labels, np.int32), classes, origin
 
 
 def select_task(dataset: Dataset, task: str) -> tuple[list[Record], np.ndarray, tuple[str, ...]]:

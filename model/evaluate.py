@@ -5,6 +5,7 @@ or a run's split file with --split val) and writes metrics.json, report.md, PNG 
 predictions.csv (one row per image: its label and class probabilities, for error analysis).
 """
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,22 @@ from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .predict import probability_columns, probability_row
 from .predictor import Predictor
-from .train import Split, evaluate_split, load_labelled
+from .data import load_labelled
+
+
+@dataclasses.dataclass
+class Split:
+    images: np.ndarray          # uint8 (N, S, S, 3), usually a read-only memmap
+    labels: np.ndarray          # int32 (N,)
+    records: list
+
+
+def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
+    """Metrics of the predictor on a cached split, and its (clinically fused) logits."""
+    logits = predictor.with_clinical(predictor.logits_from_arrays(split.images, tta), split.records)
+    probs = predictor.probabilities(logits)  # with the temperature once calibrated
+    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,
+                                          operating_threshold=predictor.operating_threshold), logits
 
 
 def labelled_split(predictor: Predictor, source: str, split: str | None = None) -> Split:
@@ -25,7 +41,7 @@ def labelled_split(predictor: Predictor, source: str, split: str | None = None) 
     `source` may name its splits itself ("labels.csv:train,val"), or `split` picks one.
     """
     spec = f"{source}:{split}" if split else str(source)
-    records, labels, data_classes = load_labelled(spec, predictor.metadata["task"])
+    records, labels, data_classes, _ = load_labelled(spec, predictor.metadata["task"])
     if len(records) == 0:
         raise UserError(f"{source}: no labelled images for the task {predictor.metadata['task']!r}.")
     labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]

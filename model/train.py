@@ -16,9 +16,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from . import checkpoint, metrics, report
+from .evaluate import Split, evaluate_split
 from .augment import AugmentConfig
 from .config import TrainConfig
-from .data import load_dataset, select_task
+from .classes import TASKS
+from .data import load_labelled, parse_source
 from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .networks import build
@@ -33,27 +35,13 @@ from .train_step import (class_weights, data_mesh, make_ema_update, make_optimiz
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Split:
-    images: np.ndarray          # uint8 (N, S, S, 3), usually a read-only memmap
-    labels: np.ndarray          # int32 (N,)
+class Source:
+    """One training source: its records and labels, and which split each record belongs to."""
+    name: str
+    spec: str
     records: list
-
-
-def parse_source(spec: str) -> tuple[str, list]:
-    """'labels.csv:train,val' -> ('labels.csv', ['train', 'val']); a bare path means every row."""
-    path, _, splits = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
-    return path, [s for s in splits.split(",") if s]
-
-
-def load_labelled(spec: str, task: str) -> tuple[list, np.ndarray, tuple]:
-    path, splits = parse_source(spec)
-    records, labels = [], []
-    classes = None
-    for split in splits or [None]:
-        recs, labs, classes = select_task(load_dataset(path, split=split), task)
-        records += list(recs)
-        labels += list(labs)
-    return records, np.asarray(labels, np.int32), classes
+    labels: np.ndarray
+    assignment: np.ndarray      # "train" / "val" / "test" per record
 
 
 def cache_split(records, labels, cfg: TrainConfig) -> Split:
@@ -61,51 +49,109 @@ def cache_split(records, labels, cfg: TrainConfig) -> Split:
     return Split(images, np.asarray(labels, np.int32), list(records))
 
 
-def prepare_data(cfg: TrainConfig, workdir: Path):
-    records, labels, classes = load_labelled(cfg.data, cfg.task)
+def _covers(split_csv: Path, records) -> bool:
+    """True when `split_csv` names every record (by path, or by file name as `read_split` matches)."""
+    import csv  # noqa: PLC0415
+    with open(split_csv, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    paths = {r.get("path", "") for r in rows}
+    names = {os.path.basename(p) for p in paths}
+    return all(r.path in paths or os.path.basename(r.path) in names for r in records)
+
+
+def load_source(spec: str, cfg: TrainConfig, workdir: Path, *, train_only: bool = False) -> Source:
+    """Read one `--data` source and split it by its own lesions.
+
+    A spec that names its official splits (`labels.csv:train,val`) keeps them; otherwise the
+    split comes from `--split_file` when that file covers the source, then from the run's own
+    split.csv (resuming), else a new lesion-grouped, class-stratified split is made.
+    """
+    name, _, _ = parse_source(spec)
+    records, labels, _, origin = load_labelled(spec, cfg.task)
     split_path = workdir / "split.csv"
-    if cfg.split_file:
+    if train_only:
+        assignment = np.full(len(records), "train")
+    elif "val" in origin:
+        assignment = np.array(["val" if o == "val" else "test" if o == "test" else "train" for o in origin])
+    elif cfg.split_file and _covers(Path(cfg.split_file), records):
         assignment = read_split(cfg.split_file, records)
-    elif split_path.exists():  # resuming: reuse the run's own split
+    elif split_path.exists() and _covers(split_path, records):
         assignment = read_split(split_path, records)
     else:
         assignment = make_split(records, labels, val_frac=cfg.val_frac, seed=cfg.split_seed)
-    write_split(split_path, records, assignment)
-    assignment = np.asarray(assignment)
-    pick = lambda name: [i for i in range(len(records)) if assignment[i] == name]
-    train_idx, val_idx = pick("train"), pick("val")
-    train_records = [records[i] for i in train_idx]
-    train_labels = labels[train_idx]
-    dropped = 0
-    if cfg.extra_train:  # ISIC 2017 has exact copies across its splits: never train on a held-out image
-        held_out = [records[i] for i in val_idx] + [r for spec in cfg.external_eval
-                                                    for r in load_labelled(spec, cfg.task)[0]]
-    for spec in cfg.extra_train:
-        extra_records, extra_labels, extra_classes = load_labelled(spec, cfg.task)
-        keep = not_in(extra_records, held_out)
-        dropped += int((~keep).sum())
-        remap = np.array([classes.index(c) for c in extra_classes])
-        train_records += [r for r, k in zip(extra_records, keep) if k]
-        train_labels = np.concatenate([train_labels, remap[extra_labels[keep]]])
+    return Source(name, spec, records, labels, np.asarray(assignment))
+
+
+def source_counts(source: Source, classes, keep: np.ndarray) -> dict:
+    counts = {}
+    for part in ("train", "val"):
+        mask = (source.assignment == part) & (keep if part == "train" else True)
+        counts[f"{part}_images"] = int(mask.sum())
+        counts[f"{part}_class_counts"] = {c: int((source.labels[mask] == i).sum()) for i, c in enumerate(classes)}
+    return {"name": source.name, "spec": source.spec, **counts}
+
+
+def prepare_data(cfg: TrainConfig, workdir: Path):
+    """Training and validation splits over every `--data` source (each split by its own lesions),
+    plus `--extra_train` sources used for training only. Training images byte-identical to any
+    validation or external-evaluation image are dropped: ISIC 2017 has copies across its splits."""
+    classes = TASKS[cfg.task] if cfg.task in TASKS else None
+    sources = [load_source(spec, cfg, workdir) for spec in cfg.data]
+    sources += [load_source(spec, cfg, workdir, train_only=True) for spec in cfg.extra_train]
+    classes = load_labelled(cfg.data[0], cfg.task)[2] if classes is None else classes
+    held_out = [r for s in sources for r, a in zip(s.records, s.assignment) if a == "val"]
+    held_out += [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
+    keeps = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
+    dropped = sum(int(((~k) & (s.assignment == "train")).sum()) for s, k in zip(sources, keeps))
     if dropped:
-        print(f"extra_train: dropped {dropped} images identical to a validation or external-eval image")
+        print(f"dropped {dropped} training images identical to a validation or external-eval image")
+    all_records = [r for s in sources[:len(cfg.data)] for r in s.records]
+    write_split(workdir / "split.csv", all_records, np.concatenate([s.assignment for s in sources[:len(cfg.data)]]))
+
+    def gather(part: str):
+        picked = [(r, y, s.name) for s, k in zip(sources, keeps)
+                  for r, y, a, kk in zip(s.records, s.labels, s.assignment, k) if a == part and kk]
+        return [p[0] for p in picked], np.array([p[1] for p in picked], np.int32), np.array([p[2] for p in picked])
+
+    train_records, train_labels, train_sources = gather("train")
+    val_records, val_labels, val_sources = gather("val")
     train = cache_split(train_records, train_labels, cfg)
-    val = cache_split([records[i] for i in val_idx], labels[val_idx], cfg)
-    summary = {"source": cfg.data, "extra_train": cfg.extra_train, "extra_train_dropped_duplicates": dropped,
+    val = cache_split(val_records, val_labels, cfg)
+    summary = {"source": list(cfg.data), "extra_train": cfg.extra_train, "dropped_duplicates": dropped,
                "task": cfg.task,
+               "sources": [source_counts(s, classes, k) for s, k in zip(sources, keeps)],
                "train_images": len(train.labels), "val_images": len(val.labels),
                "train_class_counts": {c: int((train.labels == i).sum()) for i, c in enumerate(classes)},
                "val_class_counts": {c: int((val.labels == i).sum()) for i, c in enumerate(classes)},
-               "split_file": str(split_path), "val_frac": cfg.val_frac, "split_seed": cfg.split_seed}
-    return train, val, tuple(classes), summary
+               "split_file": str(workdir / "split.csv"), "val_frac": cfg.val_frac, "split_seed": cfg.split_seed}
+    return train, val, tuple(classes), summary, train_sources, val_sources
 
 
-def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int) -> np.ndarray:
-    """Indices for one epoch: a permutation, or a class-balanced draw of the same length."""
+def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int,
+                sources: np.ndarray | None = None) -> np.ndarray:
+    """Indices for one epoch: a permutation, or a weighted draw of the same length.
+
+    "balanced": each class equally often. "sources": each training source equally often.
+    "sources_balanced": each source equally often, and each class equally often within its source.
+    """
     if sampling == "uniform":
         return rng.permutation(len(labels))
-    counts = np.bincount(labels, minlength=num_classes)
-    p = 1.0 / counts[labels]
+    if sampling == "balanced":
+        cells = labels
+    elif sampling in ("sources", "sources_balanced"):
+        _, src = np.unique(sources, return_inverse=True)
+        cells = src * num_classes + labels if sampling == "sources_balanced" else src
+        # each source an equal share; within a source, each of its classes an equal share
+        per_source = np.bincount(src)
+        classes_in = np.array([len(np.unique(labels[src == k])) for k in range(len(per_source))])
+        counts = np.bincount(cells)
+        p = 1.0 / counts[cells]
+        p = p / (classes_in[src] if sampling == "sources_balanced" else 1)
+        return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+    else:
+        raise UserError(f"unknown sampling {sampling!r}; choose uniform, balanced, sources or sources_balanced")
+    counts = np.bincount(cells)
+    p = 1.0 / counts[cells]
     return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
 
 
@@ -149,11 +195,18 @@ def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
 # Evals
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
-    logits = predictor.with_clinical(predictor.logits_from_arrays(split.images, tta), split.records)
-    probs = predictor.probabilities(logits)  # with the temperature once calibrated
-    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,
-                                          operating_threshold=predictor.operating_threshold), logits
+def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes) -> tuple[dict, dict, float]:
+    """Pooled validation metrics, each source's own, and the selection score: the mean of the
+    sources' balanced accuracies (one source's score when there is one), so a large source
+    cannot hide a failing small one. Plain view: 8-view TTA every epoch would cost half an epoch."""
+    pooled, logits = evaluate_split(predictor, val, classes, n_bootstrap=0, tta=False)
+    probs = predictor.probabilities(logits)
+    per_source = {}
+    for name in dict.fromkeys(val_sources.tolist()):
+        mask = val_sources == name
+        per_source[name] = metrics.classification_metrics(probs[mask], val.labels[mask], list(classes), n_bootstrap=0)
+    score = float(np.mean([m["balanced_accuracy"] for m in per_source.values()]))
+    return pooled, per_source, score
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +217,9 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json())
-    train, val, classes, summary = prepare_data(cfg, workdir)
+    train, val, classes, summary, train_sources, val_sources = prepare_data(cfg, workdir)
     if len(train.labels) == 0 or len(val.labels) == 0:
-        raise UserError(f"{cfg.data}: {len(train.labels)} training and {len(val.labels)} validation images; "
+        raise UserError(f"{', '.join(cfg.data)}: {len(train.labels)} training and {len(val.labels)} validation images; "
                         f"need both. Add images or lower --val_frac.")
     num_classes = len(classes)
     metadata = model_metadata(cfg, classes, summary)
@@ -216,7 +269,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         # Per-epoch seeds: a resumed run draws the same batches as an uninterrupted one.
         rng = np.random.default_rng([cfg.seed, epoch])
         key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
-        order = epoch_order(rng, train.labels, cfg.sampling, num_classes)
+        order = epoch_order(rng, train.labels, cfg.sampling, num_classes, train_sources)
         model.train()
         losses, preds, seen, t0 = [], [], [], time.time()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True)
@@ -236,8 +289,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         epoch_time = time.time() - t0
 
         # --- evals --- (the predictor switches the served model to eval mode)
-        # Model selection on the plain view: 8-view TTA every epoch would cost half an epoch on a CPU.
-        val_metrics, _ = evaluate_split(predictor, val, classes, n_bootstrap=0, tta=False)
+        val_metrics, per_source, score = validate(predictor, val, val_sources, classes)
         row = {"epoch": epoch, "time_s": round(epoch_time, 1),
                "train_img_per_s": round(len(seen) / epoch_time, 1),
                "train_loss": float(np.mean([float(l) for l in losses])),
@@ -245,15 +297,19 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                "train_balanced_accuracy": float(np.nanmean([(train_pred[train.labels[seen] == c] == c).mean()
                                                             for c in np.unique(train.labels[seen])])),
                "val_loss": val_metrics["nll"], "val_accuracy": val_metrics["accuracy"],
-               "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_macro_auc": val_metrics["macro_auc"]}
+               "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_macro_auc": val_metrics["macro_auc"],
+               "val_selection_score": score,
+               "val_sources": {name: {"balanced_accuracy": m["balanced_accuracy"], "malignant_auc": m.get("malignant_auc"),
+                                      "n": m["n"]} for name, m in per_source.items()}}
         progress["history"].append(row)
         progress["epoch"] = epoch
 
         # --- checkpoint: best first, then latest, so a crash in between never loses the best ---
-        if val_metrics["balanced_accuracy"] > progress["best_balanced_accuracy"]:
-            progress["best_balanced_accuracy"] = val_metrics["balanced_accuracy"]
+        if score > progress["best_balanced_accuracy"]:
+            progress["best_balanced_accuracy"] = score
             progress["best_epoch"] = epoch
-            checkpoint.save(workdir / "best", epoch, served, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics}})
+            checkpoint.save(workdir / "best", epoch, served, {**metadata, "metrics": {"epoch": epoch, "val": val_metrics,
+                                                                        "val_sources": per_source}})
         checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress,
                         ema=ema_model)
         # Logged after the checkpoint: a run killed in between redoes this epoch and logs it once.
