@@ -2,6 +2,7 @@
 
     python -m model train     [train.py flags]      same as `python train.py`
     python -m model evaluate  --checkpoint DIR --csv LABELS.csv --out OUTDIR
+    python -m model benchmark --checkpoint DIR --out OUT SET [SET ...]   (NAME=PATH[:split])
     python -m model predict   --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
@@ -31,6 +32,13 @@ def cmd_evaluate(args):
     print(f"wrote {args.out}/metrics.json, report.md, predictions.csv and plots")
 
 
+def cmd_benchmark(args):
+    from .benchmark import benchmark, table
+    result = benchmark(args.checkpoint, args.sets, args.out, tta=args.tta, n_bootstrap=args.bootstrap)
+    print(table(result))
+    print(f"wrote {args.out}/benchmark.json and benchmark.png")
+
+
 def cmd_predict(args):
     from .predict import predict_files
     failures = predict_files(args.checkpoint, args.inputs, args.out, tta=args.tta)
@@ -48,7 +56,7 @@ def cmd_split(args):
     from .splits import make_split, write_split
     records, labels, _ = select_task(load_dataset(args.data), args.task)
     assignment = make_split(records, labels, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
-    write_split(args.out, records, assignment)
+    write_split(args.out, records, assignment, relative=True)
     print(f"wrote {args.out}: " + ", ".join(f"{s} {int((assignment == s).sum())}" for s in ("train", "val", "test")))
 
 
@@ -102,6 +110,16 @@ def parser() -> argparse.ArgumentParser:
                    help="dihedral test-time augmentation (default: as the checkpoint was validated)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("benchmark", help="one checkpoint on several labelled sources: a table, JSON and a plot")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")
+    p.add_argument("--out", required=True, help="output folder for benchmark.json and benchmark.png")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="dihedral test-time augmentation (default: as the checkpoint was validated)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("sets", nargs="+", metavar="SET",
+                   help="labelled source, optionally NAME=PATH and a :split suffix (e.g. bcn=split.csv:val)")
+    p.set_defaults(run=cmd_benchmark)
 
     p = sub.add_parser("predict", help="class probabilities for images or folders -> CSV")
     p.add_argument("--checkpoint", required=True)

@@ -100,7 +100,7 @@ RECIPES = {
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
                         external_eval=[f"{SHARED_DATA}/isic2017/labels.csv:test"],
-                        image_size=128, epochs=6, batch_size=48, lr=1e-3, resize="fov",
+                        image_size=128, epochs=4, batch_size=48, lr=1e-3, resize="fov",
                         color_constancy=True, crop_scale_min=0.4, color_jitter=0.2,
                         class_weighting="sqrt", tta=True),
     # A few steps on tiny images: the same code path as a real run, for tests and debugging.

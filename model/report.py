@@ -281,6 +281,25 @@ def plot_learning_curves(history: list[dict], path) -> Path:
     return _save(fig, path, tight=False)
 
 
+def plot_benchmark(rows: list[dict], path, *, title: str = "") -> Path:
+    """Grouped bars: one group per metric, one bar per set (missing values left out)."""
+    keys = [("balanced_accuracy", "balanced acc."), ("macro_auc", "macro AUC"), ("malignant_auc", "malignant AUC"),
+            ("melanoma_recall_sensitive", "melanoma recall\n(sensitive thr.)"),
+            ("specificity_sensitive", "specificity\n(sensitive thr.)")]
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=DPI)
+    width = 0.8 / max(1, len(rows))
+    for j, row in enumerate(rows):
+        x = [i + (j - (len(rows) - 1) / 2) * width for i, (k, _) in enumerate(keys) if row.get(k) is not None]
+        y = [row[k] for k, _ in keys if row.get(k) is not None]
+        ax.bar(x, y, width, label=f"{row['name']} (n={row['n']})")
+    ax.set_xticks(range(len(keys)), [label for _, label in keys], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path, tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -143,8 +143,11 @@ def make_split(records, labels, *, val_frac: float = 0.15, test_frac: float = 0.
     return np.array([where[g] for g in groups], dtype="<U5")
 
 
-def write_split(path, records, assignment, groups=None) -> Path:
+def write_split(path, records, assignment, groups=None, *, relative: bool = False) -> Path:
     """Write `path,split,dx,group,age,sex,localization` rows (one per record) to a CSV, atomically.
+
+    `relative` writes image paths relative to the CSV's folder, so a split committed beside the
+    project still finds `../shared/data` on another machine.
 
     The clinical columns let `evaluate` report subgroups and `fuse` fit on a run's own split.
     """
@@ -162,7 +165,7 @@ def write_split(path, records, assignment, groups=None) -> Path:
         w = csv.writer(f)
         w.writerow(COLUMNS + CLINICAL_COLUMNS)
         for r, s, g in zip(records, assignment, groups):
-            w.writerow([r.path, str(s), r.dx, g, "" if r.age is None else r.age, r.sex or "", r.site or ""])
+            w.writerow([os.path.relpath(r.path, path.parent) if relative else r.path, str(s), r.dx, g, "" if r.age is None else r.age, r.sex or "", r.site or ""])
     os.replace(tmp, path)
     return path
 
