@@ -21,7 +21,7 @@ from .images import IMAGE_SUFFIXES
 
 MISSING = frozenset({"", "unknown", "nan", "none", "null", "na", "n/a", "?", "-"})
 # Derived files that sit next to the images in ISIC downloads; never images of their own.
-DERIVED_SUFFIXES = ("_segmentation", "_mask", "_superpixels")
+DERIVED_SUFFIXES = ("_segmentation", "_mask", "_superpixels", "_lesion")
 DERIVED_DIRS = frozenset({"masks", "mask", "segmentations", "segmentation", "superpixels"})
 KNOWN_LABELS = frozenset().union(*TASKS.values())
 SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -88,7 +88,8 @@ def _is_image(name: str) -> bool:
 
 def _is_derived(path: Path) -> bool:
     stem = path.stem.lower()
-    return stem.endswith(DERIVED_SUFFIXES) or path.parent.name.lower() in DERIVED_DIRS
+    parent = path.parent.name.lower()
+    return stem.endswith(DERIVED_SUFFIXES) or parent in DERIVED_DIRS or parent.endswith(("_lesion", "_roi"))
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -416,6 +417,147 @@ def read_labelled_csv(csv_path, split=None) -> Dataset:
     return Dataset(records, source, notes)
 
 
+def read_isic_archive(csv_path, image_dir=None) -> Dataset:
+    """The ISIC archive as `isic image download OUTDIR` (isic-cli) writes it: `OUTDIR/<isic_id>.jpg`
+    and `OUTDIR/metadata.csv` with `isic_id` and the hierarchical `diagnosis_1` .. `diagnosis_5`
+    (older exports: `diagnosis` and `benign_malignant`), plus `lesion_id`, `age_approx`, `sex`,
+    `anatom_site_general`. Diagnoses are mapped by `isic_archive.archive_label`; those no class
+    covers are counted and named in the notes (binary-task labels are kept where the top level
+    says benign or malignant).
+    """
+    from .isic_archive import archive_label  # noqa: PLC0415 (isic-metadata is only needed here)
+    csv_path = Path(csv_path).expanduser().absolute()
+    cols, rows = _read_csv(csv_path)
+    _require(csv_path, cols, {"isic_id": ("isic_id",), "diagnosis": ("diagnosis_1", "diagnosis")},
+             "An isic-cli metadata.csv has one row per image: isic_id and diagnosis_1..diagnosis_5 (or diagnosis).")
+    labelled, unmapped, no_diagnosis = [], Counter(), 0
+    for row in rows:
+        label, text = archive_label(row)
+        if text is None:
+            no_diagnosis += 1
+            continue
+        if label is None or label in ("benign", "malignant"):
+            unmapped[text] += 1
+        if label is not None:
+            labelled.append({**row, "image_id": row.get("isic_id"), "dx": label})
+    listed = "; ".join(f"{k} ({v})" for k, v in unmapped.most_common(5))
+    more = f"; ... (+{len(unmapped) - 5} more diagnoses)" if len(unmapped) > 5 else ""
+    return _read_by_image_id(csv_path, image_dir, ["image_id", "dx", *cols], labelled, problems=[
+        (no_diagnosis, f"{no_diagnosis} rows have no diagnosis and were skipped"),
+        (unmapped, f"{sum(unmapped.values())} images have a diagnosis no HAM10000 class covers "
+                   f"(kept as benign/malignant for the binary task where the hierarchy says which): {listed}{more}")])
+
+
+# PH2 (Mendonca et al. 2013): clinical diagnosis 0 common nevus, 1 atypical nevus, 2 melanoma.
+PH2_CLINICAL = {"0": "nv", "1": "nv", "2": "mel"}
+
+
+def _find_named(root: Path, name: str, depth: int = 2) -> Path | None:
+    """`root/name` or the first `*/name` (down to `depth` levels), as downloads extract."""
+    for level in range(depth + 1):
+        hits = sorted(root.glob("/".join(["*"] * level + [name])))
+        if hits:
+            return hits[0]
+    return None
+
+
+def read_ph2(root) -> Dataset:
+    """PH2 as downloaded: `PH2_dataset.txt` (a `||`-separated table) beside `PH2 Dataset images/
+    IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp`. Common and atypical nevi map to nv, melanoma to mel
+    (the clinical diagnosis column; the histological one is empty for most images)."""
+    root = Path(root).expanduser().absolute()
+    table = root if root.is_file() else _find_named(root, "PH2_dataset.txt")
+    if table is None:
+        hint = " (found PH2_dataset.xlsx: keep the .txt from the same download beside it)" \
+            if _find_named(root, "PH2_dataset.xlsx") else ""
+        raise UserError(f"{root}: no PH2_dataset.txt{hint}. Point at the PH2Dataset folder as unzipped.")
+    images_dir = table.parent / "PH2 Dataset images"
+    try:
+        lines = table.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"{table}: cannot read ({e}).") from None
+    header = next(([c.strip().lower() for c in line.split("||")] for line in lines if "clinical diagnosis" in line.lower()), None)
+    if header is None:
+        raise UserError(f"{table}: no header row with 'Name' and 'Clinical Diagnosis'; is this PH2_dataset.txt?")
+    name_col, dx_col = header.index("name"), header.index("clinical diagnosis")
+    records, no_image, no_label = [], [], 0
+    for line in lines:
+        cells = [c.strip() for c in line.split("||")]
+        if len(cells) <= dx_col or not cells[name_col].upper().startswith("IMD"):
+            continue
+        name, dx = cells[name_col], PH2_CLINICAL.get(cells[dx_col])
+        if dx is None:
+            no_label += 1
+            continue
+        path = images_dir / name / f"{name}_Dermoscopic_Image" / f"{name}.bmp"
+        if not path.is_file():
+            no_image.append(name)
+            continue
+        records.append(Record(str(path), dx, lesion_id=f"PH2_{name}"))
+    notes = _read_notes(records, Counter(), [
+        (no_image, f"{len(no_image)} rows have no image at PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
+                   f"IMDxxx.bmp (e.g. {_examples(no_image)})"),
+        (no_label, f"{no_label} rows have no clinical diagnosis 0/1/2 and were skipped")])
+    if not records:
+        raise UserError(f"{table}: no row matched an image under {images_dir}.")
+    return Dataset(records, str(table), notes)
+
+
+def derm7pt_class(diagnosis: str) -> str | None:
+    """Derm7pt's diagnosis text -> a HAM10000 class (None for melanosis, miscellaneous and the like)."""
+    d = diagnosis.strip().lower()
+    if d.startswith("melanoma"):
+        return "mel"
+    for words, dx in ((("nevus",), "nv"), (("basal cell carcinoma",), "bcc"),
+                      (("seborrheic keratosis", "lentigo"), "bkl"), (("dermatofibroma",), "df"),
+                      (("vascular lesion",), "vasc")):
+        if any(w in d for w in words):
+            return dx
+    return None
+
+
+def read_derm7pt(root, split=None) -> Dataset:
+    """Derm7pt (Kawahara et al. 2018) as downloaded: `release_v0/meta/meta.csv` (`case_num`, `diagnosis`,
+    `derm` = dermoscopic image path under `images/`) and the official `train/valid/test_indexes.csv`
+    (rows of meta.csv), which `split` ("train", "val", "test") picks from."""
+    root = Path(root).expanduser().absolute()
+    meta = root if root.is_file() else _find_named(root, "meta/meta.csv", depth=2)
+    if meta is None:
+        raise UserError(f"{root}: no meta/meta.csv; point at Derm7pt's release_v0 folder as unzipped.")
+    cols, rows = _read_csv(meta)
+    _require(meta, cols, {"diagnosis": ("diagnosis",), "derm": ("derm",)},
+             "Derm7pt's meta.csv has one row per case with its diagnosis and dermoscopic image path (derm).")
+    if split is not None:
+        files = {"train": "train_indexes.csv", "val": "valid_indexes.csv", "test": "test_indexes.csv"}
+        if split not in files:
+            raise UserError(f"{meta}: unknown split {split!r}; Derm7pt has train, val and test.")
+        _, index_rows = _read_csv(meta.parent / files[split])
+        keep = {int(r["indexes"]) for r in index_rows if _clean(r.get("indexes"))}
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    images = meta.parent.parent / "images"
+    records, no_image, unmapped = [], [], Counter()
+    for row in rows:
+        diagnosis, rel = _clean(row.get("diagnosis")) or "", _clean(row.get("derm"))
+        dx = derm7pt_class(diagnosis)
+        if dx is None:
+            unmapped[diagnosis or "(empty)"] += 1
+            continue
+        path = images / rel if rel else None
+        if path is None or not path.is_file():
+            no_image.append(rel)
+            continue
+        records.append(Record(str(path), dx, lesion_id=f"derm7pt_{_clean(row.get('case_num')) or rel}",
+                              sex=(_clean(row.get("sex")) or "").lower() or None,
+                              site=(_clean(row.get("location")) or "").lower() or None))
+    listed = ", ".join(f"{k} ({v})" for k, v in unmapped.most_common())
+    notes = _read_notes(records, Counter(), [
+        (no_image, f"{len(no_image)} rows have no dermoscopic image under {images} (e.g. {_examples(no_image)})"),
+        (unmapped, f"{sum(unmapped.values())} images have a diagnosis no HAM10000 class covers: {listed}")])
+    if not records:
+        raise UserError(f"{meta}: no row with a known diagnosis matched an image under {images}.")
+    return Dataset(records, str(meta) + (f" [split={split}]" if split else ""), notes)
+
+
 def _csv_header(path: Path) -> list[str]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -425,9 +567,11 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _csv_kind(path: Path) -> str | None:
-    """'labelled' (path,dx), 'isic' (image_id,dx), 'challenge' (image + one-hot diagnoses),
+    """'archive' (isic-cli metadata.csv), 'labelled' (path,dx), 'isic' (image_id,dx), 'challenge' (image + one-hot diagnoses),
     'challenge_metadata' (image + age/site/lesion_id, no labels), or None."""
     header = _csv_header(path)
+    if "isic_id" in header and ("diagnosis_1" in header or "diagnosis" in header):
+        return "archive"
     if "dx" in header or "label" in header or "diagnosis" in header:
         if any(h in header for h in ("path", "filepath", "file", "filename")):
             return "labelled"
@@ -464,6 +608,8 @@ def load_dataset(source, split=None) -> Dataset:
     - a folder holding an ISIC 2018/2019 challenge ground-truth CSV (image + one-hot diagnoses),
       with the images and the optional metadata CSV anywhere beside it -> challenge reader,
     - a folder holding one CSV with path,dx (e.g. ISIC 2017 `labels.csv`) -> labelled-CSV reader,
+    - an ISIC archive download (isic-cli: `metadata.csv` with isic_id, diagnosis_1..5) -> archive reader,
+    - PH2 (`PH2_dataset.txt`) and Derm7pt (`meta/meta.csv`, splits train/val/test) as downloaded,
     - a folder of class folders -> folder reader,
     - a `.csv` file: labelled CSV when it has a `path` column, challenge CSV when it is one-hot,
       else ISIC metadata (image_id,dx).
@@ -485,13 +631,22 @@ def load_dataset(source, split=None) -> Dataset:
                             "leave it out and make a split with model.splits.make_split.")
         if kind == "challenge":
             return _read_challenge_folder(path.parent, path, _label_csvs(path.parent))
+        if kind == "archive":
+            return read_isic_archive(path)
         return read_isic_metadata(path)  # also raises the missing-columns error for other CSVs
+    if _find_named(path, "PH2_dataset.txt") or _find_named(path, "PH2_dataset.xlsx"):
+        if split is not None:
+            raise UserError(f"{path}: PH2 has no official split, so split={split!r} cannot be applied.")
+        return read_ph2(path)
+    if _find_named(path, "meta/meta.csv", depth=2):
+        return read_derm7pt(path, split)
     csvs = _label_csvs(path)
     kinds = {p: _csv_kind(p) for p in csvs}
     meta = [p for p in csvs if "metadata" in p.name.lower() and kinds[p] == "isic"]
     challenge = [p for p in csvs if kinds[p] == "challenge"]
     labelled = [p for p in csvs if kinds[p] == "labelled"]
-    for found in (meta, challenge, labelled):
+    archive = [p for p in csvs if kinds[p] == "archive"]
+    for found in (meta, challenge, labelled, archive):
         if len(found) > 1:
             raise UserError(f"{path}: several label CSVs ({', '.join(str(p.relative_to(path)) for p in found)}); "
                             "pass the one to use instead of the folder.")
@@ -504,6 +659,11 @@ def load_dataset(source, split=None) -> Dataset:
         return _read_challenge_folder(path, challenge[0], csvs)
     if labelled:
         return read_labelled_csv(labelled[0], split)
+    if archive:
+        if split is not None:
+            raise UserError(f"{path}: an ISIC archive download has no split column, so split={split!r} cannot be "
+                            "applied; leave it out (training makes a lesion-grouped split).")
+        return read_isic_archive(archive[0])
     return read_class_folders(path, split)
 
 

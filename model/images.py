@@ -33,7 +33,7 @@ MIN_SIDE = 16
 RESAMPLE = Image.BILINEAR
 REDUCING_GAP = 3.0
 MODES = ("squash", "center", "fov")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # PH2 ships BMP
 # Bump when decoding or resizing changes, so old caches are not reused.
 CACHE_VERSION = 1
 # Field-of-view detection: a pixel darker than this (0-255 grey) belongs to the dermatoscope's black frame.
