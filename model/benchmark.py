@@ -2,14 +2,15 @@
 
 Each SET is any labelled source `evaluate` reads, optionally named and split: `NAME=PATH[:split,...]`
 (e.g. `bcn_val=data/splits/isic2019_bcn_val15_seed0.csv:val`). Prints one table, writes
-`OUT/benchmark.json` and `OUT/benchmark.png` comparing the sets side by side.
+`OUT/benchmark.json`, `OUT/benchmark.png` comparing the sets side by side, and each set's
+`OUT/predictions_NAME.csv` (as `evaluate` writes them) for error analysis.
 """
 import json
 from pathlib import Path
 
 from . import metrics, report
 from .data import parse_source
-from .evaluate import evaluate_split, labelled_split
+from .evaluate import evaluate_split, labelled_split, write_predictions
 from .predictor import Predictor
 
 COLUMNS = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "melanoma_recall_sensitive",
@@ -31,16 +32,18 @@ def set_row(name: str, m: dict) -> dict:
 
 def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = None, n_bootstrap: int = 200) -> dict:
     predictor = Predictor.load(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in sets:
         name, _, _ = parse_source(spec)
         data = labelled_split(predictor, spec)
-        m, _ = evaluate_split(predictor, data, predictor.classes, n_bootstrap=n_bootstrap, tta=tta)
+        m, logits = evaluate_split(predictor, data, predictor.classes, n_bootstrap=n_bootstrap, tta=tta)
         rows.append(set_row(name, m))
+        write_predictions(out / f"predictions_{name}.csv", predictor, data.records, data.labels,
+                          predictor.probabilities(logits))
     result = metrics.to_jsonable({"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id,
                                   "operating_threshold": predictor.operating_threshold, "sets": rows})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     report.plot_benchmark(rows, out / "benchmark.png", title=f"{predictor.checkpoint_id}")
     return result

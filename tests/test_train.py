@@ -256,10 +256,86 @@ def test_extra_train_skips_exact_copies_of_held_out_images(synthetic_data, tmp_p
                                              extra_train=[str(tmp_path / "extra" / "labels.csv")],
                                              external_eval=[str(tmp_path / "external" / "labels.csv")]))
     data = checkpoint.read_metadata(workdir / "best")["training"]["data"]
-    assert data["extra_train_dropped_duplicates"] == 1
-    n_split_train = sum(1 for line in (workdir / "split.csv").read_text().splitlines()[1:] if ",train," in line)
-    assert data["train_images"] == n_split_train + 1
+    split = {Path(row["path"]).name: row["split"] for row in csv.DictReader(open(workdir / "split.csv"))}
+    original_in_train = split[images[0].name] == "train"  # the source's own copy is dropped from training too
+    assert data["dropped_duplicates"] == 1 + original_in_train
+    n_split_train = sum(s == "train" for s in split.values())
+    assert data["train_images"] == n_split_train - original_in_train + 1
+    assert [s["name"] for s in data["sources"]] == ["ham", "extra"]
     assert list(result["external"]) == [str(tmp_path / "external" / "labels.csv")]
+
+
+def _write_challenge_source(root: Path, write_image) -> Path:
+    """An ISIC 2019-style source: one-hot ground truth, metadata with lesion ids, 3 lesions per class."""
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    truth, meta, k = [], [], 0
+    for c, name in enumerate(classes[:7]):
+        for lesion in range(3):
+            for photo in range(2 if lesion == 0 else 1):
+                k += 1
+                image = f"ISIC_{9000000 + k}"
+                write_image(root / "ISIC_2019_Training_Input" / f"{image}.jpg", name.lower().replace("ak", "akiec"),
+                            5000 + k)
+                truth.append([image, *("1.0" if j == c else "0.0" for j in range(len(classes)))])
+                meta.append([image, "50", "back", f"BCN_{c}_{lesion}", "male"])
+    with open(root / "ISIC_2019_Training_GroundTruth.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", *classes], *truth])
+    with open(root / "ISIC_2019_Training_Metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "age_approx", "anatom_site_general", "lesion_id", "sex"], *meta])
+    return root
+
+
+def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic_data, tmp_path, write_image):
+    bcn = _write_challenge_source(tmp_path / "bcn", write_image)
+    workdir = tmp_path / "run"
+    cfg = smoke_config(synthetic_data.ham_dir, workdir, epochs=1, sampling="sources_balanced")
+    cfg.data = [str(synthetic_data.ham_dir), f"barcelona={bcn}"]
+    train_and_evaluate(cfg)
+    data = checkpoint.read_metadata(workdir / "best")["training"]["data"]
+    sources = {s["name"]: s for s in data["sources"]}
+    assert set(sources) == {"ham", "barcelona"}
+    assert all(s["val_images"] > 0 and s["train_images"] > 0 for s in sources.values())
+    assert sources["barcelona"]["train_images"] + sources["barcelona"]["val_images"] == 28
+    assert data["train_images"] == sum(s["train_images"] for s in sources.values())
+    rows = list(csv.DictReader(open(workdir / "split.csv")))
+    where = {}
+    for row in rows:  # no lesion of either source crosses the split
+        assert where.setdefault(row["group"], row["split"]) == row["split"]
+    log = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    assert set(log[0]["val_sources"]) == {"ham", "barcelona"}
+    expected = np.mean([m["balanced_accuracy"] for m in log[0]["val_sources"].values()])
+    assert log[0]["val_selection_score"] == pytest.approx(expected)
+
+
+def test_source_balanced_sampling_gives_each_source_an_equal_share():
+    from model.train import epoch_order
+    labels = np.array([0] * 900 + [1] * 100 + [0] * 50 + [2] * 50)
+    sources = np.array(["big"] * 1000 + ["small"] * 100)
+    order = epoch_order(np.random.default_rng(0), labels, "sources_balanced", 3, sources)
+    share_small = (sources[order] == "small").mean()
+    assert 0.45 < share_small < 0.55
+    big = order[sources[order] == "big"]
+    assert 0.45 < (labels[big] == 1).mean() < 0.55  # classes balanced within a source
+    with pytest.raises(UserError, match="sampling"):
+        epoch_order(np.random.default_rng(0), labels, "by_colour", 3, sources)
+
+
+def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_data_shared, tmp_path, capsys):
+    from model.__main__ import main
+    workdir, _ = trained_run
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--checkpoint", str(workdir), "--out", str(out), "--bootstrap", "20",
+                 f"val={workdir / 'split.csv'}:val", str(synthetic_data_shared.ham_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "| val |" in printed and "| ham |" in printed
+    result = json.loads((out / "benchmark.json").read_text())
+    assert [s["name"] for s in result["sets"]] == ["val", "ham"]
+    first = result["sets"][0]
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "recall",
+                "melanoma_recall_sensitive", "specificity_sensitive", "ece"):
+        assert key in first
+    assert result["sets"][1]["n"] == synthetic_data_shared.n_ham
+    assert (out / "benchmark.png").stat().st_size > 1000 and (out / "predictions_val.csv").is_file()
 
 
 def test_weight_average_warms_up_then_follows_its_decay():
