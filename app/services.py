@@ -70,8 +70,15 @@ def display_image(image: Image.Image) -> np.ndarray:
 
 
 def blend(image: Image.Image, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """`heat` in the image's own frame (`Predictor.to_image_frame`), at any scale."""
     return render.overlay(display_image(image), heat, alpha=alpha,
                           contour_percent=CONTOUR_PERCENT)
+
+
+def heat_on_display(predictor, heat: np.ndarray, image: Image.Image) -> np.ndarray:
+    """The model-view map placed on the image as displayed (through a field-of-view crop, if any)."""
+    shown = display_image(image)
+    return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]))
 
 
 def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "gradcam",
@@ -79,7 +86,7 @@ def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "
     """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image."""
     if heat is None:
         heat = predictor.explain(prepared, method=method, class_index=class_index)
-    return blend(image, heat, alpha), heat
+    return blend(image, heat_on_display(predictor, heat, image), alpha), heat
 
 
 def write_png(ctx: Services, array, stem: str) -> str:

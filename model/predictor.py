@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from . import checkpoint, clinical
 from .classes import full_name, malignant_indices
-from .images import load_image, to_square
+from .images import load_image, square_box, to_square
+from .render import place_in_frame
 from .preprocess import Normalisation, preprocess
 
 EVAL_BATCH = 64
@@ -152,12 +154,25 @@ class Predictor:
                 "unusual": self.flag_unusual(ood, entropy), "entropy": entropy}
 
     # --- explanations ---
-    def explain(self, image, method: str = "gradcam", class_index: int | None = None, **kwargs) -> np.ndarray:
-        """Saliency map (S, S) in [0, 1] for one image, for `class_index` (default: the top class)."""
+    def explain(self, image, method: str = "gradcam", class_index: int | None = None, frame: str = "model",
+                **kwargs) -> np.ndarray:
+        """Saliency map in [0, 1] for one image, for `class_index` (default: the top class).
+
+        frame="model": (S, S), the model's square view. frame="image": (H, W) on the image's own
+        pixels, through the crop and resize `prepare` made (0 outside a field-of-view crop).
+        """
         from .saliency import explain  # noqa: PLC0415 (keeps start-up light for batch prediction)
+        if frame not in ("model", "image"):
+            raise ValueError(f"frame must be 'model' or 'image', not {frame!r}")
         images = self.prepare([image])
         if class_index is None:
             class_index = int(self.predict(images).argmax())
         self.model.eval()
         x = preprocess(jnp.asarray(images), self.norm)
-        return np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method, **kwargs))[0]
+        heat = np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method, **kwargs))[0]
+        return self.to_image_frame(heat, image) if frame == "image" else heat
+
+    def to_image_frame(self, heat: np.ndarray, image, out_size=None) -> np.ndarray:
+        """A model-view map (S, S) on `image`'s own pixels (H, W), or at `out_size` (W, H)."""
+        img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
+        return place_in_frame(heat, square_box(img, self.resize), img.size, out_size)

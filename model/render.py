@@ -42,6 +42,23 @@ def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(heat).resize((size[1], size[0]), Image.BILINEAR))
 
 
+def place_in_frame(heatmap: np.ndarray, box, image_size: tuple[int, int], out_size=None) -> np.ndarray:
+    """A map of the model's square view placed back on the image it was cut from.
+
+    `box` (left, top, right, bottom) is the region of the (W, H) = `image_size` image that was
+    resized to the square (`images.square_box`); outside it the map is 0. `out_size` (W, H)
+    renders the frame at another size (e.g. the display size) instead of the image's own.
+    """
+    w, h = image_size
+    ow, oh = out_size or image_size
+    sx, sy = ow / w, oh / h
+    x0, y0 = int(round(box[0] * sx)), int(round(box[1] * sy))
+    x1, y1 = max(x0 + 1, int(round(box[2] * sx))), max(y0 + 1, int(round(box[3] * sy)))
+    out = np.zeros((oh, ow), np.float32)
+    out[y0:y1, x0:x1] = resize_heatmap(heatmap, (y1 - y0, x1 - x0))[:oh - y0, :ow - x0]
+    return out
+
+
 def top_region_contour(heatmap: np.ndarray, top_percent: float = 20, thickness: int = 1) -> np.ndarray:
     """Boundary (bool (H, W)) of the hottest `top_percent` % of pixels; empty for an all-zero map."""
     heat = np.asarray(heatmap, np.float32)

@@ -31,7 +31,7 @@ SAMPLE2 = SAMPLES / "nv_ISIC_0031646.jpg"
 
 # ------------------------------------------------------------------ helpers (shared with
 # test_browser.py and bench/bench_app.py)
-def make_tiny_checkpoint(path, size: int = 64, seed: int = 0, widths=(8, 16, 16, 16)) -> Path:
+def make_tiny_checkpoint(path, size: int = 64, seed: int = 0, widths=(8, 16, 16, 16), resize: str = "squash") -> Path:
     """A real lesionlens checkpoint with random weights, written in ~1 s.
 
     Weights are filled from their abstract shapes (nnx.eval_shape) instead of running the
@@ -65,7 +65,7 @@ def make_tiny_checkpoint(path, size: int = 64, seed: int = 0, widths=(8, 16, 16,
 
     model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
     metadata = {"arch": "simple_cnn", "arch_config": cfg, "classes": classes, "task": "ham7",
-                "image_size": size, "resize": "squash",
+                "image_size": size, "resize": resize,
                 "normalisation": Normalisation().to_dict(), "temperature": 1.0, "tta": False,
                 "training": {"data": {"source": "none: random weights for tests"}},
                 "licence": "Test checkpoint."}

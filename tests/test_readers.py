@@ -215,3 +215,18 @@ def test_no_frame_means_no_crop(write_image, tmp_path):
     np.testing.assert_array_equal(to_square(img, 32, "fov"), to_square(img, 32, "squash"))
     dark = Image.new("RGB", (80, 80), (10, 10, 10))  # an almost black photo is not a frame around a view
     assert field_of_view_box(dark) is None
+
+
+def test_explain_in_the_image_frame_follows_the_fov_crop(tmp_path):
+    from model.predictor import Predictor
+    from test_app import make_tiny_checkpoint
+    predictor = Predictor.load(make_tiny_checkpoint(tmp_path / "ckpt", size=32, resize="fov"))
+    img = _framed()
+    square = predictor.explain(img, "gradcam", class_index=4)
+    on_image = predictor.explain(img, "gradcam", class_index=4, frame="image")
+    assert square.shape == (32, 32) and on_image.shape == (150, 200)
+    left, top, right, bottom = field_of_view_box(img)
+    assert on_image[:, :left - 1].max() == 0 and on_image[:, right + 1:].max() == 0  # the frame gets nothing
+    np.testing.assert_allclose(on_image[top:bottom, left:right].max(), square.max(), atol=0.05)
+    shown = predictor.to_image_frame(square, img, out_size=(100, 75))  # the app's display size
+    assert shown.shape == (75, 100) and shown[:, : left // 2 - 1].max() == 0
