@@ -8,7 +8,7 @@ Each SET is any labelled source `evaluate` reads, optionally named and split: `N
 import json
 from pathlib import Path
 
-from . import metrics, report
+from . import checkpoint as checkpoints, metrics, report
 from .data import parse_source
 from .evaluate import evaluate_split, labelled_split, write_predictions
 from .predictor import Predictor
@@ -30,7 +30,10 @@ def set_row(name: str, m: dict) -> dict:
             "specificity_sensitive": point.get("malignant_specificity"), "ece": m["ece"]}
 
 
-def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = None, n_bootstrap: int = 200) -> dict:
+def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = None, n_bootstrap: int = 200,
+              record: bool = False) -> dict:
+    """Evaluate `checkpoint` on each SET; with `record`, also store the table in the checkpoint's
+    metadata (`metrics.benchmark`), so the numbers travel with the model and show on its card."""
     predictor = Predictor.load(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,6 +48,10 @@ def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = 
     result = metrics.to_jsonable({"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id,
                                   "operating_threshold": predictor.operating_threshold, "sets": rows})
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    if record:
+        predictor.metadata.setdefault("metrics", {})["benchmark"] = {
+            "sets": [{**row, "spec": spec} for row, spec in zip(result["sets"], sets)], "tta": tta}
+        checkpoints.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     report.plot_benchmark(rows, out / "benchmark.png", title=f"{predictor.checkpoint_id}")
     return result
 

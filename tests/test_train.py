@@ -324,7 +324,7 @@ def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_dat
     from model.__main__ import main
     workdir, _ = trained_run
     out = tmp_path / "bench"
-    assert main(["benchmark", "--checkpoint", str(workdir), "--out", str(out), "--bootstrap", "20",
+    assert main(["benchmark", "--checkpoint", str(workdir), "--out", str(out), "--bootstrap", "20", "--record",
                  f"val={workdir / 'split.csv'}:val", str(synthetic_data_shared.ham_dir)]) == 0
     printed = capsys.readouterr().out
     assert "| val |" in printed and "| ham |" in printed
@@ -336,6 +336,9 @@ def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_dat
         assert key in first
     assert result["sets"][1]["n"] == synthetic_data_shared.n_ham
     assert (out / "benchmark.png").stat().st_size > 1000 and (out / "predictions_val.csv").is_file()
+    stored = checkpoint.read_metadata(workdir)["metrics"]["benchmark"]["sets"]  # the numbers travel with the model
+    assert [(s["name"], s["balanced_accuracy"]) for s in stored] == [(s["name"], s["balanced_accuracy"])
+                                                                       for s in result["sets"]]
 
 
 def test_weight_average_warms_up_then_follows_its_decay():
