@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import saliency  # noqa: E402
-from model.images import to_square  # noqa: E402
+from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
 
@@ -116,7 +116,9 @@ def pick_images(data: Path, split: Path | None, split_name: str, n: int, seed: i
 
 
 def load_masks(data: Path, ids: list[str], size: int, resize: str) -> np.ndarray:
-    masks = [to_square(data / "masks" / f"{i}_segmentation.png", size, resize)[..., 0] >= 128 for i in ids]
+    # Each mask is cut exactly as its image was (a field-of-view crop is found on the image, not the mask).
+    masks = [to_square(data / "masks" / f"{i}_segmentation.png", size,
+                       box=square_box(load_image(data / "images" / f"{i}.jpg"), resize))[..., 0] >= 128 for i in ids]
     return np.stack(masks)
 
 

@@ -213,19 +213,21 @@ def square_box(img: Image.Image, mode: str = "squash") -> tuple[float, float, fl
     return (0, 0, w, h)
 
 
-def to_square(img, size: int, mode: str = "squash") -> np.ndarray:
+def to_square(img, size: int, mode: str = "squash", box=None) -> np.ndarray:
     """Resize the `square_box` region of `img` to a (size, size, 3) uint8 array.
 
     "squash": the full frame resized to a square, aspect ratio not kept (how ISIC 2017 was
     made 256x256, and nothing at the borders is lost). "center": the centred square crop.
     "fov": the dermatoscope's round field of view cropped out of its black frame, then squashed.
-    `img` is anything `load_image` accepts.
+    `img` is anything `load_image` accepts. `box` overrides the region, e.g. to cut a lesion mask
+    exactly as its image was cut (a mask has no dermatoscope frame of its own).
     """
     if mode not in MODES:
         raise UserError(f"unknown resize mode {mode!r}; choose one of: {', '.join(MODES)}")
     if not (isinstance(img, Image.Image) and img.mode == "RGB"):
         img = load_image(img)
-    out = img.resize((size, size), RESAMPLE, box=square_box(img, mode), reducing_gap=REDUCING_GAP)
+    box = square_box(img, mode) if box is None else box
+    out = img.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
     return np.asarray(out, dtype=np.uint8)
 
 
