@@ -9,6 +9,7 @@
     python -m model calibrate --checkpoint DIR --csv split.csv --split val [--external_eval CSV:test]
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
+    python -m model card      --checkpoint DIR [--out FILE]   (the model card as Markdown)
 """
 import argparse
 import json
@@ -93,6 +94,21 @@ def cmd_info(args):
     print(json.dumps(read_metadata(args.checkpoint), indent=2))
 
 
+def cmd_card(args):
+    from pathlib import Path  # noqa: PLC0415
+    from .card import model_card_markdown
+    from .checkpoint import read_metadata
+    card = model_card_markdown({**read_metadata(args.checkpoint), "checkpoint_path": args.checkpoint})
+    if not args.out:
+        print(card, end="")
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"<!-- Generated from the checkpoint's metadata by `python -m model card --checkpoint "
+                   f"{args.checkpoint} --out {args.out}`; edit model/card.py, not this file. -->\n\n{card}")
+    print(f"wrote {out}")
+
+
 def parser() -> argparse.ArgumentParser:
     from .config import add_arguments
     ap = argparse.ArgumentParser(prog="python -m model", description=__doc__,
@@ -163,6 +179,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("--checkpoint", required=True)
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("card", help="the model card (Markdown) from a checkpoint's metadata, as the app shows it")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")
+    p.add_argument("--out", help="write the Markdown to this file instead of printing it")
+    p.set_defaults(run=cmd_card)
     return ap
 
 
