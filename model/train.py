@@ -16,7 +16,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from . import checkpoint, metrics, report
-from .evaluate import Split, evaluate_split
+from .evaluate import Split, evaluate_split, record_external
 from .augment import AugmentConfig
 from .config import TrainConfig
 from .classes import TASKS
@@ -187,7 +187,8 @@ def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
         "temperature": 1.0, "tta": cfg.tta, "training": {"config": cfg.to_dict(), "data": summary},
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "orbax-checkpoint": orbax.checkpoint.__version__},
-        "licence": "Trained on HAM10000 (CC BY-NC-SA 4.0): non-commercial use only.",
+        "licence": (f"Trained on {', '.join(parse_source(spec)[0] for spec in [*cfg.data, *cfg.extra_train])}; "
+                    "public dermoscopy sets under CC BY-NC / CC BY-NC-SA licences: non-commercial use only."),
     }
 
 
@@ -324,7 +325,6 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
 def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:
     """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
-    from .evaluate import record_external  # noqa: PLC0415 (evaluate builds on this module)
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
