@@ -1,17 +1,26 @@
 """Run the LesionLens web app.
 
     python -m app [--checkpoint checkpoints/default] [--host 127.0.0.1] [--port 7860]
-                  [--db history/cases.db] [--auth user:pass,user2:pass2]
+                  [--db history/cases.db] [--auth-file auth.txt] [--max-cases 500]
+    python -m app hash-password USER >> auth.txt    # add a user: asks for the password
 
-Auth can also come from the environment (LESIONLENS_AUTH=user:pass,...); with it each user
-sees only their own cases. Nothing leaves the machine: analytics are off, there is no share
-link, and the page loads no external fonts or scripts.
+With a login each user sees only their own cases. The auth file holds one `user:hash` line per
+user (salted scrypt hashes, written by `hash-password`; '#' starts a comment); it can also be
+named by $LESIONLENS_AUTH_FILE. `--auth user:pass,...` and $LESIONLENS_AUTH still work, but a
+password on the command line is visible to everyone on the machine (`ps`): prefer the file.
+Repeated failed logins are answered HTTP 429 for a growing lock-out, and logged.
+Nothing leaves the machine: analytics are off, there is no share link, and the page loads no
+external fonts or scripts.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
+
+from .store import DEFAULT_MAX_CASES_PER_USER   # the store does not import gradio
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported
 
@@ -30,8 +39,51 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def private_temp_dir() -> Path:
+    """This server's temp folder (0700, removed at exit): our overlays and exports, and Gradio's
+    copies of uploads and outputs (GRADIO_TEMP_DIR, unless set) instead of the shared, 0755
+    /tmp/gradio. Call before gradio is imported: it reads GRADIO_TEMP_DIR at import."""
+    folder = Path(tempfile.mkdtemp(prefix="lesionlens-"))
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
+    return folder
+
+
+def hash_password_command(argv) -> int:
+    """`python -m app hash-password [USER]`: print 'USER:hash' (or the hash) for an auth file.
+    The password is asked twice on a terminal, else read as one line from stdin (scripts)."""
+    import getpass
+
+    from .auth import hash_password
+    ap = argparse.ArgumentParser(prog="python -m app hash-password",
+                                 description=hash_password_command.__doc__.split("\n")[0][3:])
+    ap.add_argument("user", nargs="?", help="user name to put before the hash")
+    args = ap.parse_args(argv)
+    if args.user is not None and (not args.user.strip() or ":" in args.user):
+        print("error: a user name must not be empty or contain ':'", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("error: the two passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 2
+    hashed = hash_password(password)
+    print(f"{args.user.strip()}:{hashed}" if args.user else hashed)
+    return 0
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hash-password"]:
+        return hash_password_command(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m app", description=__doc__.split("\n\n")[0],
+                                 epilog="Add a user to an auth file: python -m app hash-password "
+                                        "USER >> auth.txt")
     ap.add_argument("--checkpoint", default="checkpoints/default",
                     help="checkpoint folder or training workdir (default: %(default)s)")
     ap.add_argument("--host", default="127.0.0.1",
@@ -39,15 +91,24 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--db", default="history/cases.db",
                     help="case history database; images are stored next to it")
+    ap.add_argument("--auth-file", default=os.environ.get("LESIONLENS_AUTH_FILE"), metavar="PATH",
+                    help="users who may log in: one user:hash line each, hashes from "
+                         "`python -m app hash-password USER` (default: $LESIONLENS_AUTH_FILE; none)")
     ap.add_argument("--auth", default=os.environ.get("LESIONLENS_AUTH"),
-                    help="user:password[,user:password...] (default: $LESIONLENS_AUTH; none)")
+                    help="user:password[,user:password...] in plain text, visible in `ps`: prefer "
+                         "--auth-file (default: $LESIONLENS_AUTH; none)")
+    ap.add_argument("--max-cases", type=int, default=DEFAULT_MAX_CASES_PER_USER, metavar="N",
+                    help="cases each user may keep; 0: no limit (default: %(default)s)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip compiling the model before serving (faster start, slow first reply)")
     args = ap.parse_args(argv)
 
+    from .auth import Authenticator, read_auth_file
     try:
-        auth = parse_auth(args.auth)
-    except ValueError as e:
+        pairs = parse_auth(args.auth)
+        hashes = read_auth_file(args.auth_file) if args.auth_file else None
+        auth = Authenticator.from_sources(pairs, hashes) if pairs or hashes else None
+    except (ValueError, OSError) as e:   # a bad line, or a file that is not there
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -59,18 +120,26 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from .services import warm_up
+    # Cases, overlays, exports and copies of uploads are medical images: every file this
+    # server writes is private to the user it runs as (folders 0700, files 0600).
+    os.umask(0o077)
     from .store import CaseStore
-    from .ui import build_demo, launch_kwargs
     try:
-        store = CaseStore(args.db)
+        store = CaseStore(args.db, max_cases_per_user=args.max_cases)
+        # Image files a crash left between writing and the database row (or after a delete).
+        orphans = store.collect_orphans()
     except Exception as e:  # unreadable/locked/foreign database: say which file
         print(f"error: cannot open the case database {args.db}: {e}", file=sys.stderr)
         return 2
+    if orphans:
+        print(f"Removed {orphans} image file(s) no case refers to (left by a crash).", flush=True)
+    tmp_dir = private_temp_dir()
+    from .services import warm_up
+    from .ui import build_demo, launch_kwargs
     if not args.no_warmup:
         print("Compiling the model (a few seconds)...", flush=True)
         warm_up(predictor)
-    demo = build_demo(predictor, store)
+    demo = build_demo(predictor, store, tmp_dir)
     demo.queue(max_size=64)
     print(f"LesionLens: checkpoint {predictor.checkpoint_id}; history in {store.db_path}"
           + (f"; {len(auth)} user(s) with login" if auth else ""), flush=True)

@@ -20,7 +20,8 @@ from model.errors import UserError
 from model.images import load_image
 
 from .commands import Clinical, parse_clinical
-from .services import Services, overlay, shrink, write_png
+from .services import Services, overlay, remember_files, shrink, write_png
+from .store import check_note
 
 STORE_MAX_SIDE = 1024    # px: the model sees <= 512 px; keeps history PNGs to ~1-3 MB
 UNSURE_MAX_PROB = 0.5    # top class below 50 %: no class is more likely than all others together
@@ -79,9 +80,13 @@ def analyse(predictor, image: Image.Image, clinical: Clinical = Clinical()) -> R
 def classify_path(ctx: Services, path, user: str = "", note: str = "", filename: str = ""):
     """Load, analyse, explain (Grad-CAM), then store: (case, result, overlay png path).
 
-    UserError for unreadable images; nothing is stored unless every step succeeded.
+    UserError for unreadable images, NotStored for a note too long or a full history (checked
+    first: no model time spent on a case that cannot be kept); nothing is stored unless every
+    step succeeded.
     """
     filename = filename or Path(str(path)).name
+    check_note(note)
+    ctx.store.check_room(user)
     try:
         if os.path.getsize(path) == 0:
             raise UserError(f"{filename}: the file is empty (0 bytes); upload the image again.")
@@ -100,6 +105,7 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
         image, predictions={c: float(v) for c, v in zip(p.classes, result.probs)},
         malignant_probability=result.malignant, checkpoint_id=p.checkpoint_id, user=user,
         filename=filename, note=note, unusual=result.unusual, ood_score=result.ood_score)
+    remember_files(ctx, case.id, png, path)   # the upload too: Gradio's copy in its temp folder
     return case, result, png
 
 

@@ -18,6 +18,7 @@ from model.errors import UserError
 from .analysis import classify_path
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
 from .services import Services, md_escape, overlay, write_png
+from .store import MAX_NOTE_CHARS, NotStored, check_note
 
 log = logging.getLogger("lesionlens")
 
@@ -119,8 +120,9 @@ def chat_add(message: dict | None, history: list | None):
     if len(files) > MAX_FILES:
         history.append(text_message(f"(+{len(files) - MAX_FILES} more files)", "user"))
     text = (message.get("text") or "").strip()
-    if text:
-        history.append(text_message(text, "user"))
+    if text:   # echo at most a note's worth: a pasted book would slow every later render
+        shown = text if len(text) <= MAX_NOTE_CHARS else f"{text[:MAX_NOTE_CHARS]}… ({len(text):,} characters)"
+        history.append(text_message(shown, "user"))
     return history, {"text": text, "files": files}
 
 
@@ -133,11 +135,20 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
     if not files:
         try:
             history += follow_up(ctx, text, state, user)
+        except UserError as e:   # e.g. the temp folder is full: NotStored says so
+            history.append(text_message(f"❌ {e}"))
         except Exception:
             log.exception("follow-up %r failed", text)
             history.append(text_message("❌ Something went wrong while answering that (an "
                                         "internal error, logged on the server). Try again, or "
                                         "drop the image again to start a new case."))
+        yield history, state
+        return
+    try:   # the same for every image: say it once, before any model time is spent
+        check_note(text)
+        ctx.store.check_room(user)
+    except NotStored as e:
+        history.append(text_message(f"❌ Nothing was analysed or saved: {e}"))
         yield history, state
         return
     if len(files) > MAX_FILES:
@@ -149,6 +160,10 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
         name = Path(str(path)).name
         try:
             case, result, png = classify_path(ctx, path, user=user, note=text)
+        except NotStored as e:   # the history filled up during this message, or the disk
+            history.append(text_message(f"❌ **{name}** was not saved: {e}"))
+            yield history, state
+            continue
         except UserError as e:
             history.append(text_message(f"❌ I could not use **{name}**: {e}"
                                         "\n\nNothing was saved. Send a JPEG or PNG photo of one "
@@ -191,7 +206,7 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
     over, _ = overlay(p, image, prepared[0], method, ci)
     name, prob = p.class_names[ci], case.predictions.get(p.classes[ci], 0.0)
     label = METHOD_LABELS.get(method, method)
-    png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}")
+    png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}", case.id)
     if cmd.kind == "why_not":
         top_name = p.class_names[p.classes.index(case.top_class)]
         if p.classes[ci] == case.top_class:
@@ -217,7 +232,7 @@ def open_case_in_chat(ctx: Services, case_id, history, user: str):
     image = case.load_image()
     ci = p.classes.index(case.top_class)
     over, _ = overlay(p, image, p.prepare([image])[0], "gradcam", ci)
-    png = write_png(ctx, over, f"gradcam-case{case.id}")
+    png = write_png(ctx, over, f"gradcam-case{case.id}", case.id)
     history.append(text_message(f"Opened case #{case.id} from history.", "user"))
     same_model = case.checkpoint_id == p.checkpoint_id
     warnings = [] if same_model else ["This case was analysed by another checkpoint "

@@ -70,10 +70,10 @@ def compare_render(ctx: Services, compare: dict, alpha: float, pick: str | None,
         over = blend(image, heat, alpha)
         gallery.append((over, caption))
         files.append(write_png(ctx, over, f"case{case.id}-{caption.split(' · ')[0]}-"
-                                         f"{caption.split(' · ')[1].split(' (')[0]}"))
+                                         f"{caption.split(' · ')[1].split(' (')[0]}", case.id))
     panel = render.side_by_side([raw] + [g[0] for g in gallery],
                                 ["original"] + [g[1] for g in gallery])
-    files.insert(0, write_png(ctx, panel, f"case{case.id}-side-by-side"))
+    files.insert(0, write_png(ctx, panel, f"case{case.id}-side-by-side", case.id))
     captions = [c for c, _ in compare["items"]]
     idx = captions.index(pick) if pick in captions else 0
     return gallery, (raw, gallery[idx][0]), files

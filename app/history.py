@@ -12,7 +12,7 @@ from PIL import Image
 
 from model.errors import UserError
 
-from .services import Services, md_escape
+from .services import Services, md_escape, remove_case_files
 
 HISTORY_COLUMNS = ["case", "date (UTC)", "file", "note", "prediction", "probability",
                    "malignant", "flag"]
@@ -64,6 +64,15 @@ def case_details(ctx: Services, case_id, user: str):
           f"Checkpoint: `{case.checkpoint_id}`")
     with Image.open(case.thumb_path) as thumb:   # pixels, not a path: the store may live
         return thumb.convert("RGB"), md          # outside the folders Gradio may serve
+
+
+def delete_case(ctx: Services, case_id, user: str) -> bool:
+    """Delete one of `user`'s cases: the row and stored image, then every picture of it this
+    app showed and Gradio's copies (which would otherwise stay fetchable by URL for hours)."""
+    if not case_id or not ctx.store.delete_case(int(case_id), user=user):
+        return False
+    remove_case_files(ctx, int(case_id))
+    return True
 
 
 def export_history(ctx: Services, kind: str, cases) -> str:

@@ -11,7 +11,13 @@ values; `ui` only wires them to components. Model access goes through
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import logging
+import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,7 +28,9 @@ from PIL import Image
 
 from model import render
 
-from .store import CaseStore
+from .store import CaseStore, storage_errors
+
+log = logging.getLogger("lesionlens")
 
 DISPLAY_MAX_SIDE = 448   # px: overlays in chat and compare
 DISPLAY_MIN_SIDE = 384   # px: smaller images are enlarged for display (never for the model)
@@ -36,6 +44,72 @@ class Services:
     predictor: object
     store: CaseStore
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lesionlens-")))
+    gradio_dir: Path | None = None   # where Gradio keeps uploads and copies of outputs
+    # Bundled public images (the examples): Gradio's copies of them serve every session.
+    public_names: frozenset = frozenset()
+    # case id -> the upload and the pictures shown for it: deleting the case removes them
+    case_files: dict = field(default_factory=dict, compare=False)
+    _files_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+
+def remember_files(ctx: Services, case_id: int, *paths) -> None:
+    """Files that show case `case_id` (an upload, overlays): removed when it is deleted."""
+    with ctx._files_lock:
+        ctx.case_files.setdefault(int(case_id), set()).update(str(p) for p in paths if p)
+
+
+def remove_case_files(ctx: Services, case_id: int) -> int:
+    """Delete a deleted case's upload and pictures, and Gradio's copies of them, so that no URL
+    serves them any more; files another case also shows (the same upload twice) stay.
+    Returns how many files were removed."""
+    with ctx._files_lock:
+        mine = ctx.case_files.pop(int(case_id), set())
+        shared = set().union(*ctx.case_files.values()) if ctx.case_files else set()
+    ours = [d.resolve() for d in (ctx.tmp_dir, ctx.gradio_dir) if d is not None]
+    removed = 0
+    for name in mine - shared:
+        path = Path(name)
+        # Only our temp files and Gradio's: never a file the app was pointed at elsewhere.
+        if path.name in ctx.public_names or not any(path.resolve().is_relative_to(d) for d in ours):
+            continue
+        copies = [path]
+        if ctx.gradio_dir is not None and path.parent.parent != ctx.gradio_dir:
+            # Gradio copies what it serves to <gradio_dir>/<content hash>/<same name>; our
+            # names carry a random suffix, so the name finds the copy.
+            copies += list(ctx.gradio_dir.glob(f"*/{glob_escape(path.name)}"))
+        for copy in copies:
+            try:
+                copy.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not remove %s of deleted case %s: %r", copy, case_id, e)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
+
+
+def remove_on_exit(folder: Path) -> None:
+    """Delete `folder` (overlays, exports, copies of uploads) when the process ends: at a normal
+    exit (atexit) and on SIGTERM (`kill`, `docker stop`, systemd), whose default action would
+    skip atexit and leave the images in /tmp for good. Signal handlers can only be set from
+    the main thread; elsewhere (an app built inside another program) atexit alone is used."""
+    cleanup = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(cleanup)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        cleanup()
+        if callable(previous):      # another app's folder, or the host program's own handler
+            previous(signum, frame)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def user_of(request) -> str:
@@ -89,8 +163,18 @@ def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "
     return blend(image, heat_on_display(predictor, heat, image), alpha), heat
 
 
-def write_png(ctx: Services, array, stem: str) -> str:
-    """Save for Gradio to serve or download; old files in our temp folder are pruned."""
+def write_png(ctx: Services, array, stem: str, case_id: int | None = None) -> str:
+    """Save for Gradio to serve or download; old files in our temp folder are pruned. A picture
+    of a stored case (`case_id`) goes when the case is deleted. NotStored (a clear message)
+    when the temp folder is full or read-only."""
+    with storage_errors("save the picture", ctx.tmp_dir, "the app's temporary folder"):
+        path = _write_png(ctx, array, stem)
+    if case_id is not None:
+        remember_files(ctx, case_id, path)
+    return path
+
+
+def _write_png(ctx: Services, array, stem: str) -> str:
     ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for old in ctx.tmp_dir.glob("*.png"):

@@ -14,6 +14,8 @@ Adds and deletes also hold an exclusive `flock` on <root>/.lock, so a delete's u
 race an add that found the file already present (another process or thread).
 SQLite runs in WAL mode (readers never block the writer) with foreign keys on: every case row
 references an `images` row, and every `images` row has its file.
+Cases are medical images: the store's folders are 0700 and its files 0600 (only the user the
+app runs as can read them), whatever the umask.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -34,8 +37,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from model.errors import UserError
+
+log = logging.getLogger("lesionlens")
+
 SCHEMA_VERSION = 1
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 THUMB_SIDE = 128  # px, longest side: enough for a history table row
+MAX_NOTE_CHARS = 2000             # a clinical note, not a document: keeps pages and exports small
+DEFAULT_MAX_CASES_PER_USER = 500  # ~1-3 MB each: one user cannot fill the disk for everyone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -62,8 +73,38 @@ CREATE INDEX IF NOT EXISTS cases_user_created ON cases(user, created);
 CREATE INDEX IF NOT EXISTS cases_sha ON cases(image_sha256);
 """
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (`=HYPERLINK(...)` in a note, an upload named `=1+1.jpg`): such text gets a leading quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
 CSV_FIELDS = ["id", "user", "created", "filename", "note", "top_class", "malignant_probability",
               "unusual", "ood_score", "checkpoint_id", "image_sha256", "image"]
+
+
+class NotStored(UserError):
+    """The case was refused before anything was written: note too long, history full, or the
+    data folder not writable. The message says what to do."""
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, folder: Path, what: str = "the data folder"):
+    """A full or read-only disk is for whoever runs the app to fix: people get a clear message
+    (never `[Errno 30] Read-only file system: /srv/.../.lock`), the log gets the detail."""
+    try:
+        yield
+    except NotStored:
+        raise
+    except (OSError, sqlite3.Error) as e:
+        log.error("could not %s in %s: %r", action, folder, e)
+        raise NotStored(f"could not {action}: {what} is not writable (the disk may be full or "
+                        "read-only), so nothing was changed. Please tell whoever runs "
+                        "LesionLens; the details are in the server log.") from None
+
+
+def check_note(note: str | None) -> None:
+    if note and len(note) > MAX_NOTE_CHARS:
+        raise NotStored(f"the note has {len(note):,} characters; notes are limited to "
+                        f"{MAX_NOTE_CHARS:,}. Shorten it and send it again.")
 
 
 @dataclass(frozen=True)
@@ -103,8 +144,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file, or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` so that readers see the old file, or the whole new one (mode 0600:
+    mkstemp's)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -125,6 +167,12 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def csv_safe(text: str) -> str:
+    """People's text as a spreadsheet shows it, never runs it (the OWASP CSV-injection rule)."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def _day_after(day: str) -> str:
     return (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat()
 
@@ -136,14 +184,27 @@ def _like_escape(text: str) -> str:
 class CaseStore:
     """Cases of one deployment. Safe to share across threads; each call opens its own connection."""
 
-    def __init__(self, db_path: str | os.PathLike):
+    def __init__(self, db_path: str | os.PathLike,
+                 max_cases_per_user: int | None = DEFAULT_MAX_CASES_PER_USER):
+        """`max_cases_per_user`: the cases one user may keep (0 or None: no limit); with no
+        login everyone is user '' and shares it."""
+        self.max_cases_per_user = max_cases_per_user or None
         self.db_path = Path(db_path)
         self.root = self.db_path.parent
         self.images_dir = self.root / "images"
         self.thumbs_dir = self.root / "thumbs"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        self.thumbs_dir.mkdir(parents=True, exist_ok=True)
+        # A new data folder is private; an existing one may be a shared folder (the working
+        # directory for `--db cases.db`), so only what the store itself owns is tightened.
+        self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+        for folder in (self.images_dir, self.thumbs_dir):
+            folder.mkdir(exist_ok=True, mode=PRIVATE_DIR)
+            os.chmod(folder, PRIVATE_DIR)
         self._lock_path = self.root / ".lock"
+        # SQLite gives -wal and -shm the database's mode: create it 0600 before it does.
+        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+        for path in (self.db_path, self._lock_path, *self._sidecars()):
+            if path.exists():   # written by an older version with the umask's 0644
+                os.chmod(path, PRIVATE_FILE)
         self._thread_lock = threading.Lock()
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
@@ -155,6 +216,9 @@ class CaseStore:
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ---------------------------------------------------------------- plumbing
+    def _sidecars(self) -> list[Path]:
+        return [self.db_path.with_name(self.db_path.name + suffix) for suffix in ("-wal", "-shm")]
+
     @contextlib.contextmanager
     def _connect(self):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per case.
@@ -172,7 +236,7 @@ class CaseStore:
     def _write_lock(self):
         """Serialise writers across threads (threading.Lock) and processes (flock)."""
         with self._thread_lock:
-            with open(self._lock_path, "a+b") as f:
+            with open(os.open(self._lock_path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE), "r+b") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 try:
                     yield
@@ -196,20 +260,33 @@ class CaseStore:
                     thumb_path=self.thumb_path(sha))
 
     # ---------------------------------------------------------------- writes
+    def check_room(self, user: str = "") -> None:
+        """NotStored when `user` already keeps `max_cases_per_user` cases."""
+        limit = self.max_cases_per_user
+        with storage_errors("save", self.root):
+            full = bool(limit) and self.count(user or "") >= limit
+        if full:
+            raise NotStored(f"your history is full: {limit:,} cases is the limit per user. Delete "
+                            "cases you no longer need in the History tab (export them first to "
+                            "keep a copy), then try again.")
+
     def add_case(self, image: Image.Image, *, predictions: dict[str, float],
                  malignant_probability: float, checkpoint_id: str = "", user: str = "",
                  filename: str = "", note: str = "", top_class: str | None = None,
                  unusual: bool = False, ood_score: float | None = None) -> Case:
-        """Store one analysed image; returns the new Case. The image file lands before the row."""
+        """Store one analysed image; returns the new Case. The image file lands before the row.
+        NotStored (nothing written) for a note over MAX_NOTE_CHARS or a full history."""
         if not predictions:
             raise ValueError("predictions must not be empty")
+        check_note(note)
         image = image.convert("RGB")
         png = encode_png(image)
         sha = hashlib.sha256(png).hexdigest()
         if top_class is None:
             top_class = max(predictions, key=predictions.get)
         preds = {str(k): float(v) for k, v in predictions.items()}
-        with self._write_lock():
+        with storage_errors("save", self.root), self._write_lock():
+            self.check_room(user)     # under the lock: two adds cannot both take the last place
             path, thumb = self.image_path(sha), self.thumb_path(sha)
             if not path.exists():
                 atomic_write_bytes(path, png)
@@ -238,7 +315,8 @@ class CaseStore:
         return self._row_to_case(row)
 
     def update_note(self, case_id: int, note: str, user: str | None = None) -> bool:
-        with self._connect() as con:
+        check_note(note)
+        with storage_errors("save the note", self.root), self._connect() as con:
             sql, args = "UPDATE cases SET note=? WHERE id=?", [note, case_id]
             if user is not None:
                 sql += " AND user=?"
@@ -247,7 +325,7 @@ class CaseStore:
 
     def delete_case(self, case_id: int, user: str | None = None) -> bool:
         """Delete one case (only the user's own when `user` is given); drop its image if unused."""
-        with self._write_lock():
+        with storage_errors("delete the case", self.root), self._write_lock():
             with self._connect() as con:
                 con.execute("BEGIN IMMEDIATE")
                 try:
@@ -345,9 +423,10 @@ class CaseStore:
         w = csv.writer(buf)
         w.writerow(CSV_FIELDS + [f"p_{k}" for k in classes])
         for c in cases:
-            w.writerow([c.id, c.user, c.created, c.filename, c.note, c.top_class,
-                        f"{c.malignant_probability:.6f}", int(c.unusual),
-                        "" if c.ood_score is None else f"{c.ood_score:.6f}", c.checkpoint_id,
+            # Text is neutralised; the numbers are ours (a negative score stays a number).
+            w.writerow([c.id, csv_safe(c.user), c.created, csv_safe(c.filename), csv_safe(c.note),
+                        csv_safe(c.top_class), f"{c.malignant_probability:.6f}", int(c.unusual),
+                        "" if c.ood_score is None else f"{c.ood_score:.6f}", csv_safe(c.checkpoint_id),
                         c.image_sha256, f"images/{c.image_sha256}.png"]
                        + [f"{c.predictions[k]:.6f}" if k in c.predictions else "" for k in classes])
         return buf.getvalue()
@@ -357,7 +436,8 @@ class CaseStore:
         """Write the cases (default: `list_cases(**filters)`) as CSV, one p_<class> column each."""
         cases = self.list_cases(**filters) if cases is None else cases
         path = Path(path)
-        atomic_write_bytes(path, self._csv_text(cases, classes).encode("utf-8"))
+        with storage_errors("write the export", path.parent, "the app's temporary folder"):
+            atomic_write_bytes(path, self._csv_text(cases, classes).encode("utf-8"))
         return path
 
     def export_zip(self, path: str | os.PathLike, cases: list[Case] | None = None,
@@ -365,21 +445,22 @@ class CaseStore:
         """cases.csv plus images/<sha256>.png for every case (each image once)."""
         cases = self.list_cases(**filters) if cases is None else cases
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".zip")
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-                z.writestr("cases.csv", self._csv_text(cases, classes))
-                for sha in dict.fromkeys(c.image_sha256 for c in cases):
-                    # PNG is already compressed: store it as is.
-                    z.write(self.image_path(sha), f"images/{sha}.png",
-                            compress_type=zipfile.ZIP_STORED)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with storage_errors("write the export", path.parent, "the app's temporary folder"):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".zip")  # 0600
+            os.close(fd)
+            try:
+                with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                    z.writestr("cases.csv", self._csv_text(cases, classes))
+                    for sha in dict.fromkeys(c.image_sha256 for c in cases):
+                        # PNG is already compressed: store it as is.
+                        z.write(self.image_path(sha), f"images/{sha}.png",
+                                compress_type=zipfile.ZIP_STORED)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
         return path
 
     # ---------------------------------------------------------------- checks

@@ -11,23 +11,23 @@ the CPU runs one explanation at a time and the rest queue.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
-import shutil
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from starlette.middleware import Middleware
 
 from model.errors import UserError
 
 from . import chat, compare
 from . import history as hist   # `history` is the chat's message list below
 from .analysis import classify_api, classify_path
+from .auth import Authenticator, ClientAddressMiddleware
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
-from .services import DEFAULT_ALPHA, Services, user_of
+from .services import DEFAULT_ALPHA, Services, remove_on_exit, user_of
 
 log = logging.getLogger("lesionlens")
 
@@ -64,19 +64,31 @@ def _samples() -> list:
 
 
 def _user_error(fn):
-    """Turn UserError into a Gradio error toast with the human message."""
+    """Turn UserError into a Gradio error toast with the human message. Anything else is a bug
+    or a server problem: logged in full, and the toast says so without the raw text (with
+    show_error on, Gradio would send `str(exception)`, paths included, to the browser)."""
     @functools.wraps(fn)   # keeps the signature: Gradio injects gr.Request by annotation
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:
+            raise
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error("Something went wrong (an internal error, logged on the server). "
+                           "Please try again.", print_exception=False) from None
     return wrapped
 
 
-def build_demo(predictor, store) -> gr.Blocks:
-    ctx = Services(predictor, store)
-    atexit.register(shutil.rmtree, ctx.tmp_dir, ignore_errors=True)
+def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
+    """`tmp_dir`: this app's private temp folder (default: a new one); removed at exit."""
+    folders = dict(gradio_dir=Path(gr.utils.get_upload_folder()),
+                   public_names=frozenset(p.name for p in SAMPLES.glob("*")))
+    ctx = (Services(predictor, store, **folders) if tmp_dir is None
+           else Services(predictor, store, tmp_dir, **folders))
+    remove_on_exit(ctx.tmp_dir)
     names = dict(zip(predictor.classes, predictor.class_names))
 
     # ---------------------------------------------------------------- handlers (thin wrappers)
@@ -118,6 +130,7 @@ def build_demo(predictor, store) -> gr.Blocks:
         return (state, gallery, slider, files,
                 gr.Dropdown(choices=captions, value=captions[0] if captions else None))
 
+    @_user_error
     def compare_reblend(state, alpha, pick, request: gr.Request):
         return compare.compare_render(ctx, state, alpha, pick, user_of(request))
 
@@ -127,6 +140,7 @@ def build_demo(predictor, store) -> gr.Blocks:
         table = pd.DataFrame(hist.history_table(ctx, cases), columns=hist.HISTORY_COLUMNS)
         return table, f"{len(cases)} case{'s' if len(cases) != 1 else ''}"
 
+    @_user_error
     def history_select(evt: gr.SelectData, request: gr.Request):
         row = evt.row_value or []
         case_id = int(row[0]) if row and str(row[0]).isdigit() else None
@@ -138,11 +152,13 @@ def build_demo(predictor, store) -> gr.Blocks:
             raise gr.Error("Select a case in the table first.", print_exception=False)
         return gr.Row(visible=True), f"Delete case #{case_id} and its image? This cannot be undone."
 
+    @_user_error
     def do_delete(case_id, request: gr.Request):
-        ok = ctx.store.delete_case(int(case_id), user=user_of(request)) if case_id else False
+        ok = hist.delete_case(ctx, case_id, user_of(request))
         gr.Info(f"Case #{case_id} deleted." if ok else f"Case #{case_id} was already gone.")
         return None, None, "Select a row to see the case.", gr.Row(visible=False)
 
+    @_user_error
     def open_in_chat(case_id, history, request: gr.Request):
         if not case_id:
             raise gr.Error("Select a case in the table first.", print_exception=False)
@@ -318,8 +334,15 @@ def build_demo(predictor, store) -> gr.Blocks:
 
 
 def launch_kwargs(auth=None) -> dict:
-    """launch() arguments shared by `python -m app`, the tests and a Space entry point."""
+    """launch() arguments shared by `python -m app`, the tests and a Space entry point.
+
+    `auth`: an `auth.Authenticator`, or `(user, password)` pairs; either way logins are
+    checked in constant time and throttled (HTTP 429 after repeated failures)."""
+    if auth and not isinstance(auth, Authenticator):
+        auth = Authenticator.from_sources(pairs=auth)
     return dict(auth=auth or None, theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
                 allowed_paths=[str(SAMPLES)],   # the bundled examples, wherever the app runs
                 footer_links=["api"], show_error=True,
+                # the login throttle counts failures per client address too
+                app_kwargs={"middleware": [Middleware(ClientAddressMiddleware)]} if auth else None,
                 auth_message="LesionLens: sign in to see your own cases." if auth else None)

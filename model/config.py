@@ -11,53 +11,84 @@ from dataclasses import dataclass, field
 SHARED_DATA = "../shared/data"
 
 
+# Allowed values of the string fields that take one of a few (argparse enforces them on flags).
+TASK_CHOICES = ("ham7", "binary")                              # model.classes.TASKS
+RESIZE_CHOICES = ("squash", "center", "fov")                   # model.images.MODES
+CLASS_WEIGHTING_CHOICES = ("none", "sqrt", "inverse")          # model.train_step
+SAMPLING_CHOICES = ("uniform", "balanced", "sources", "sources_balanced")  # model.train
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def _option(default, help: str, choices=None):
+    """A TrainConfig field with its `--help` line (and allowed values) beside it: the one place
+    each setting is described."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     # --- data ---
-    # Training sources, each split by its own lesions with a validation part of its own: an ISIC
-    # metadata or challenge folder/CSV, class folders, or a path,dx CSV; "NAME=PATH[:split,split]".
-    data: list = field(default_factory=lambda: [f"{SHARED_DATA}/ham10000"])
-    task: str = "ham7"                     # "ham7" (7 HAM classes) or "binary" (malignant vs benign)
-    extra_train: list = field(default_factory=list)  # more labelled sets for training only, "CSV[:split,split]"
-    external_eval: list = field(default_factory=list)  # never used for selection: reported at the end
-    val_frac: float = 0.15                 # fraction of lesions held out, stratified by class
-    split_seed: int = 0
-    split_file: str = ""                   # reuse an existing split CSV instead of making one
-    image_size: int = 160
-    resize: str = "squash"                 # "squash" the full frame (as ISIC 2017 did), "center" crop, or
-                                           # "fov": crop to the dermatoscope's round field of view, then squash
-    color_constancy: bool = False
+    data: list = _option(
+        [f"{SHARED_DATA}/ham10000"],
+        "a training source, split by its own lesions with a validation part of its own: an ISIC "
+        "metadata or challenge folder/CSV, class folders, or a path,dx CSV; \"NAME=PATH[:split,split]\"; "
+        "repeat the flag for several sources")
+    task: str = _option("ham7", "ham7 (the 7 HAM10000 classes) or binary (malignant vs benign)",
+                        TASK_CHOICES)
+    extra_train: list = _option([], "a labelled set used for training only, \"CSV[:split,split]\"; "
+                                    "repeatable")
+    external_eval: list = _option([], "a labelled set never used for selection, reported at the end; "
+                                      "repeatable")
+    val_frac: float = _option(0.15, "fraction of lesions held out for validation, stratified by class")
+    split_seed: int = _option(0, "random seed of the train/validation split")
+    split_file: str = _option("", "reuse an existing split CSV instead of making one")
+    image_size: int = _option(160, "side of the square model input, in pixels")
+    resize: str = _option("squash", "how an image becomes square: squash the full frame (as ISIC 2017 "
+                                    "did), center crop, or fov: crop to the dermatoscope's round field "
+                                    "of view, then squash", RESIZE_CHOICES)
+    color_constancy: bool = _option(False, "Shades-of-Gray colour constancy before normalisation")
     # --- model ---
-    arch: str = "efficientnet_lite0"
-    pretrained: bool = True                # ImageNet initialisation where the arch has it
-    dropout: float = 0.2
-    clinical_fusion: bool = False          # also fit age/sex/site fusion after training (model/clinical.py)
+    arch: str = _option("efficientnet_lite0", "network architecture (model.networks.ARCHITECTURES)")
+    pretrained: bool = _option(True, "ImageNet initialisation where the arch has it")
+    dropout: float = _option(0.2, "dropout rate before the classifier head")
+    clinical_fusion: bool = _option(False, "also fit age/sex/site fusion after training "
+                                           "(model/clinical.py)")
     # --- optimisation ---
-    epochs: int = 8
-    batch_size: int = 48
-    lr: float = 1e-3                       # peak learning rate of the warmup + cosine schedule
-    warmup_epochs: float = 0.5
-    weight_decay: float = 1e-4
-    body_lr_mult: float = 1.0              # < 1 slows the pretrained body relative to the new head
-    label_smoothing: float = 0.1
-    class_weighting: str = "sqrt"          # "none", "sqrt" (inverse sqrt frequency) or "inverse"
-    sampling: str = "uniform"              # "uniform", "balanced" (each class equally often), "sources"
-                                           # (each source equally often) or "sources_balanced" (both)
-    mixup: float = 0.0                     # Beta(a, a) mixup strength; 0 turns it off
-    cutmix: float = 0.0                    # Beta(a, a) CutMix strength (a box pasted from another image); 0: off
-    ema_decay: float = 0.0                 # > 0 selects, saves and serves an exponential moving average
-                                           # of the weights (e.g. 0.995 ~ the last 200 steps); 0: off
-    crop_scale_min: float = 0.5
-    color_jitter: float = 0.2
-    hair_aug: float = 0.0                  # probability of drawing random hairs over a training image
-    vignette_aug: float = 0.0              # probability of a dark circular dermatoscope border
-    dtype: str = "float32"                 # "bfloat16" for accelerators: compute in bf16, params in f32
-    tta: bool = True                       # 8-view dihedral test-time augmentation at evaluation
-    seed: int = 0
+    epochs: int = _option(8, "passes over the training set")
+    batch_size: int = _option(48, "images per training step")
+    lr: float = _option(1e-3, "peak learning rate of the warmup + cosine schedule")
+    warmup_epochs: float = _option(0.5, "epochs of linear learning-rate warmup")
+    weight_decay: float = _option(1e-4, "decoupled weight decay (AdamW)")
+    body_lr_mult: float = _option(1.0, "< 1 slows the pretrained body relative to the new head")
+    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy targets")
+    class_weighting: str = _option("sqrt", "loss weight per class: none, sqrt (inverse square root of "
+                                           "the frequency) or inverse (inverse frequency)",
+                                   CLASS_WEIGHTING_CHOICES)
+    sampling: str = _option("uniform", "batch sampling: uniform, balanced (each class equally often), "
+                                       "sources (each source equally often) or sources_balanced "
+                                       "(both)", SAMPLING_CHOICES)
+    mixup: float = _option(0.0, "Beta(a, a) mixup strength; 0 turns it off")
+    cutmix: float = _option(0.0, "Beta(a, a) CutMix strength (a box pasted from another image); "
+                                 "0: off")
+    ema_decay: float = _option(0.0, "> 0 selects, saves and serves an exponential moving average of "
+                                    "the weights (e.g. 0.995 ~ the last 200 steps); 0: off")
+    crop_scale_min: float = _option(0.5, "smallest random crop, as a fraction of the image area "
+                                         "(1 turns cropping off)")
+    color_jitter: float = _option(0.2, "strength of random brightness, contrast, saturation and hue "
+                                       "changes; 0: off")
+    hair_aug: float = _option(0.0, "probability of drawing random hairs over a training image")
+    vignette_aug: float = _option(0.0, "probability of a dark circular dermatoscope border")
+    dtype: str = _option("float32", "compute type; bfloat16 for accelerators: compute in bf16, "
+                                    "params in f32", DTYPE_CHOICES)
+    tta: bool = _option(True, "8-view dihedral test-time augmentation at evaluation")
+    seed: int = _option(0, "random seed of initialisation, augmentation and batch order")
     # --- run ---
-    workdir: str = "runs/default"
-    resume: bool = False
-    max_steps_per_epoch: int = 0           # > 0 shortens epochs (smoke tests, debugging)
+    workdir: str = _option("runs/default", "output folder: config, split, log, curves, checkpoints")
+    resume: bool = _option(False, "continue from <workdir>/latest after an interruption")
+    max_steps_per_epoch: int = _option(0, "> 0 shortens epochs (smoke tests, debugging)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,19 +150,83 @@ def make_config(recipe: str = "default", **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def add_arguments(parser):
-    """One flag per TrainConfig field (`--epochs 3`, `--no-tta`), defaults taken from the recipe."""
+# What each recipe is for, one line each (`--list_recipes`); the measurements are in the comments above.
+RECIPE_PURPOSES = {
+    "peer_match": "the PyTorch peer's settings on our pipeline, to compare like with like",
+    "default": "the bundled model: ~50 min on 2 CPU cores, holds up best on another source (ISIC 2017)",
+    "quick": "the peer's budget (128 px, 4 epochs, ~25 min): best in-domain, transfers poorly",
+    "heavy_aug": "quick's budget with heavier augmentation: slower to learn in-domain, transfers better",
+    "default_accelerator": "default with room to learn (224 px, 30 epochs, bfloat16), for a GPU",
+    "multisource": "HAM10000 + ISIC 2017 + BCN_20000, field-of-view crop, 128 px (~2 h on 2 CPU cores)",
+    "smoke": "a few steps on tiny images: the real code path, for tests and debugging",
+}
+
+
+def recipe_list() -> str:
+    """Every recipe, what it is for, and the settings it changes from TrainConfig's defaults."""
+    width = max(map(len, RECIPES))
+    lines = []
+    for name, settings in RECIPES.items():
+        lines.append(f"{name:<{width}}  {RECIPE_PURPOSES.get(name, '')}")
+        changed = ", ".join(f"{k}={v}" for k, v in settings.items()
+                            if getattr(TrainConfig(), k) != v)
+        lines.append(f"{'':<{width}}  ({changed or 'TrainConfig defaults'})")
+    return "\n".join(lines)
+
+
+class _ListRecipes(argparse.Action):
+    """`--list_recipes`: print the recipes and exit, like --help."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print every recipe with what it is for, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(recipe_list())
+        parser.exit()
+
+
+def _choices(f: dataclasses.Field):
+    if f.name == "arch":   # the registry is the list; imported here so config stays light to import
+        from .networks import ARCHITECTURES
+        return tuple(ARCHITECTURES)
+    return f.metadata.get("choices")
+
+
+def recipe_of(argv) -> str:
+    """The --recipe in `argv` (the default recipe when absent or unknown): whose defaults --help shows."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="default")
+    recipe = pre.parse_known_args(argv)[0].recipe
+    return recipe if recipe in RECIPES else "default"
+
+
+def add_arguments(parser, recipe: str = "default"):
+    """One flag per TrainConfig field (`--epochs 3`, `--no-tta`), described by the field's help;
+    `--help` shows `recipe`'s value of each (a flag left out keeps the --recipe value)."""
     parser.add_argument("--recipe", default="default", choices=sorted(RECIPES),
-                        help="named recipe the flags override (default: %(default)s)")
+                        help="named recipe the flags override (default: %(default)s; "
+                             "see --list_recipes)")
+    parser.add_argument("--list_recipes", action=_ListRecipes)
+    defaults = make_config(recipe)
     for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name}"
+        flag, choices = f"--{f.name}", _choices(f)
+        value = getattr(defaults, f.name)
+        shown = (" ".join(value) or "none") if isinstance(value, list) else (repr(value) if value == "" else value)
+        help_text = f.metadata["help"]
+        if choices:
+            help_text += f" [{', '.join(choices)}]"
+        # '%' would start an argparse format; the field texts use it literally.
+        help_text = f"{help_text} (default: {shown}, from recipe {recipe})".replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         elif f.type is list or f.type == "list":
-            parser.add_argument(flag, action="append", default=None, metavar="SPEC")
+            parser.add_argument(flag, action="append", default=None, metavar="SPEC", help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag, type=kind, default=None, choices=choices,
+                                metavar=f.name.upper() if choices else None, help=help_text)
     return parser
 
 

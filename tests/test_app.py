@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import struct
@@ -86,12 +87,12 @@ def free_port() -> int:
 class AppProcess:
     """`python -m app ...` in a subprocess, on loopback; `stop()` terminates it."""
 
-    def __init__(self, checkpoint, db, *extra, port=None, log_path=None):
+    def __init__(self, checkpoint, db, *extra, port=None, log_path=None, env=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "PYTHONPATH": _pythonpath(), "GRADIO_ANALYTICS_ENABLED": "False",
                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-               "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+               "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = Path(log_path or Path(db).parent / f"app-{self.port}.log")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
@@ -424,6 +425,116 @@ def test_clinical_note_feeds_a_fused_model(fused_checkpoint, tmp_path):
     assert "**age, sex and body site**" in model_card_markdown(p)
 
 
+def test_long_note_is_refused_and_nothing_is_stored(ctx):
+    from app.store import MAX_NOTE_CHARS, NotStored
+    note = "growing." * 1750                                     # 14,000 characters
+    history, state = _chat(ctx, note, [SAMPLE, SAMPLE2])
+    (reply,) = _assistant_texts(history)
+    assert reply.startswith("❌ Nothing was analysed or saved: the note has 14,000 characters")
+    assert f"limited to {MAX_NOTE_CHARS:,}" in reply and not _assistant_images(history)
+    echoed = [m["content"] for m in history if m["role"] == "user" and isinstance(m["content"], str)]
+    assert len(echoed[0]) < MAX_NOTE_CHARS + 40 and echoed[0].endswith("(14,000 characters)")
+    assert ctx.store.count() == 0 and state == {}
+    assert not any(ctx.store.images_dir.rglob("*.png"))
+    with pytest.raises(NotStored):                                 # the store refuses it too
+        ctx.store.add_case(Image.open(SAMPLE), predictions={"nv": 1.0}, malignant_probability=0.0,
+                           note="x" * (MAX_NOTE_CHARS + 1))
+    history, state = _chat(ctx, "x" * MAX_NOTE_CHARS, [SAMPLE])    # at the limit: stored
+    case = ctx.store.get_case(state["case_id"])
+    assert len(case.note) == MAX_NOTE_CHARS
+    with pytest.raises(NotStored):
+        ctx.store.update_note(case.id, "x" * (MAX_NOTE_CHARS + 1))
+    assert ctx.store.get_case(case.id).note == case.note
+
+
+def test_history_quota_per_user(predictor, tmp_path):
+    from app.analysis import classify_api
+    from app.services import Services
+    from app.store import CaseStore, NotStored
+    store = CaseStore(tmp_path / "history" / "cases.db", max_cases_per_user=2)
+    ctx = Services(predictor, store, tmp_dir=tmp_path / "tmp")
+    history, _ = _chat(ctx, "", [SAMPLE, SAMPLE2, SAMPLE], user="ana")
+    replies = _assistant_texts(history)
+    assert len(_assistant_images(history)) == 2 and store.count("ana") == 2
+    assert replies[-1].startswith(f"❌ **{SAMPLE.name}** was not saved: your history is full: "
+                                  "2 cases is the limit per user")
+    assert "Delete cases you no longer need in the History tab" in replies[-1]
+    history, _ = _chat(ctx, "", [SAMPLE2], user="ana")
+    assert _assistant_texts(history)[0].startswith("❌ Nothing was analysed or saved: your "
+                                                   "history is full")
+    with pytest.raises(NotStored, match="history is full"):      # the API says the same
+        classify_api(ctx, str(SAMPLE), user="ana")
+    _chat(ctx, "", [SAMPLE], user="bo")                           # others are not affected
+    assert store.count("ana") == 2 and store.count("bo") == 1
+    store.delete_case(store.list_cases(user="ana")[0].id, user="ana")   # room again
+    _chat(ctx, "", [SAMPLE], user="ana")
+    assert store.count("ana") == 2
+    unlimited = CaseStore(tmp_path / "history" / "cases.db", max_cases_per_user=0)
+    unlimited.check_room("ana")
+
+
+def test_unwritable_data_folder_gets_a_clear_message_and_the_log_the_detail(ctx, monkeypatch,
+                                                                             caplog):
+    import errno
+
+    import app.store
+    from app.analysis import classify_api
+    from app.store import NotStored
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(app.store, "atomic_write_bytes", read_only)
+    with caplog.at_level("ERROR", logger="lesionlens"):
+        history, _ = _chat(ctx, "", [SAMPLE])
+    (reply,) = _assistant_texts(history)
+    assert reply.startswith(f"❌ **{SAMPLE.name}** was not saved: could not save: the data "
+                            "folder is not writable (the disk may be full or read-only)")
+    assert "Errno" not in reply and str(ctx.store.root) not in reply
+    assert "Read-only file system" in caplog.text and str(ctx.store.root) in caplog.text
+    with pytest.raises(NotStored, match="could not save: the data folder is not writable"):
+        classify_api(ctx, str(SAMPLE))
+    assert ctx.store.count() == 0 and ctx.store.check() == []
+
+
+def test_deleting_a_case_removes_its_upload_and_pictures(predictor, tmp_path):
+    """The upload, the chat's overlays, the compare pictures and Gradio's copies of them go with
+    the case; a file another case still shows, and files outside the temp folders, stay."""
+    from app import compare
+    from app import history as hist
+    from app.services import Services
+    from app.store import CaseStore
+    gradio_dir = tmp_path / "gradio"
+    ctx = Services(predictor, CaseStore(tmp_path / "history" / "cases.db"), tmp_dir=tmp_path / "tmp",
+                   gradio_dir=gradio_dir)
+    upload = gradio_dir / "a1b2" / "lesion.jpg"                   # as Gradio stores an upload
+    upload.parent.mkdir(parents=True)
+    shutil.copy(SAMPLE, upload)
+    history, state = _chat(ctx, "", [upload])
+    history, state = _chat(ctx, "show smoothgrad", history=history, state=state)
+    case_id = state["case_id"]
+    cstate = compare.compare_compute(ctx, case_id, "methods", ["gradcam"], [], "")
+    _, _, compare_files = compare.compare_render(ctx, cstate, 0.5, None, "")
+    pictures = [Path(p) for p in _assistant_images(history) + compare_files]
+    copies = []
+    for p in pictures:                                            # Gradio's served copies
+        copy = gradio_dir / f"hash-{p.stem}" / p.name
+        copy.parent.mkdir()
+        shutil.copy(p, copy)
+        copies.append(copy)
+    _, other = _chat(ctx, "same file again", [upload])            # shares the upload
+    _, outside = _chat(ctx, "", [SAMPLE2])                        # a file not in a temp folder
+    assert all(p.exists() for p in pictures + copies + [upload])
+
+    assert hist.delete_case(ctx, case_id, "")
+    assert [p for p in pictures + copies if p.exists()] == []
+    assert upload.exists()                                        # the other case shows it
+    assert hist.delete_case(ctx, other["case_id"], "") and not upload.exists()
+    assert hist.delete_case(ctx, outside["case_id"], "") and SAMPLE2.exists()
+    assert not hist.delete_case(ctx, case_id, "")                 # already gone
+    assert ctx.store.count() == 0 and ctx.store.check() == []
+
+
 def test_build_demo_wires_without_a_server(ctx):
     from app.ui import build_demo
     demo = build_demo(ctx.predictor, ctx.store)
@@ -437,6 +548,57 @@ def test_parse_auth():
     assert parse_auth("") is None
     with pytest.raises(ValueError):
         parse_auth("ana")
+
+
+def test_password_hashes_and_auth_file(tmp_path):
+    from app.auth import Authenticator, hash_password, read_auth_file, verify_password
+    a, b = hash_password("correct horse"), hash_password("correct horse")
+    assert a != b and a.startswith("scrypt$")                       # salted
+    assert verify_password("correct horse", a) and not verify_password("Correct horse", a)
+    assert not verify_password("correct horse", "scrypt$garbage")
+    done = subprocess.run([sys.executable, "-m", "app", "hash-password", "ana"], cwd=ROOT,
+                          input="pw with spaces: and colons\n", capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": _pythonpath()}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith("ana:scrypt$") and "pw with spaces" not in line
+    auth_file = tmp_path / "auth.txt"
+    auth_file.write_text(f"# LesionLens users\n\n{line}\n")
+    hashes = read_auth_file(auth_file)
+    assert verify_password("pw with spaces: and colons", hashes["ana"])
+    auth = Authenticator.from_sources([("bo", "pw-bo")], hashes)
+    assert auth("ana", "pw with spaces: and colons") and auth("bo", "pw-bo")
+    assert not auth("ana", "pw-bo") and not auth("nobody", "pw-bo") and len(auth) == 2
+    for bad, why in (("ana:plain-password\n", "line 1: expected user:scrypt$"),
+                     (f"{line}\n{line}\n", "line 2: user 'ana' is listed twice"),
+                     ("# nobody\n", "no users")):
+        auth_file.write_text(bad)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            read_auth_file(auth_file)
+    with pytest.raises(ValueError, match="given twice"):
+        Authenticator.from_sources([("ana", "x")], hashes)
+
+
+def test_login_throttle_locks_out_for_a_growing_time():
+    from app.auth import (ADDRESS_FREE_FAILURES, FIRST_LOCK_S, MAX_LOCK_S, USER_FREE_FAILURES,
+                          LoginThrottle)
+    now = [1000.0]
+    throttle = LoginThrottle(clock=lambda: now[0])
+    for i in range(1, USER_FREE_FAILURES):
+        assert throttle.failed("user:ana", USER_FREE_FAILURES) == (i, 0.0)
+        assert throttle.wait_s("user:ana") == 0
+    locks = []
+    for _ in range(12):
+        now[0] += throttle.wait_s("user:ana")                     # wait out each lock-out
+        locks.append(throttle.failed("user:ana", USER_FREE_FAILURES)[1])
+    assert locks[:3] == [FIRST_LOCK_S, 2 * FIRST_LOCK_S, 4 * FIRST_LOCK_S]
+    assert locks[-1] == MAX_LOCK_S
+    assert throttle.wait_s("user:bo", "user:ana") == MAX_LOCK_S   # any locked key locks
+    throttle.succeeded("user:ana")
+    assert throttle.wait_s("user:ana") == 0
+    for _ in range(ADDRESS_FREE_FAILURES):
+        throttle.failed("address:10.0.0.1", ADDRESS_FREE_FAILURES)
+    assert throttle.wait_s("address:10.0.0.1") == FIRST_LOCK_S
 
 
 # ------------------------------------------------------------------ the real app
@@ -564,3 +726,120 @@ def test_parse_clinical_note():
         assert (c.age, c.sex, c.site) == expected, text
     assert parse_clinical("55 y, M").known == {"age": 55.0, "sex": "male"}
     assert parse_clinical(None).known == {}
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.slow
+def test_app_files_are_private_and_its_temp_folder_goes_on_sigterm(tiny_checkpoint, tmp_path):
+    """Folders 0700 and files 0600 (the data folder and the temp folder with Gradio's copies of
+    uploads and overlays), and SIGTERM removes the temp folder as a normal exit would."""
+    from gradio_client import Client, handle_file
+    tmp = tmp_path / "tmp"            # the app's TMPDIR: its temp folder is created in here
+    tmp.mkdir()
+    data = tmp_path / "data"
+    upload = tmp_path / "patient-upload.jpg"
+    shutil.copy(SAMPLE2, upload)
+    upload.chmod(0o644)
+    env = {"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": ""}        # "": the app picks its own
+    app = AppProcess(tiny_checkpoint, data / "cases.db", "--no-warmup",
+                     log_path=tmp_path / "logs" / "app.log", env=env).wait_ready()
+    try:
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+        client.predict(handle_file(str(SAMPLE)), api_name="/classify")
+        client.predict({"text": "back", "files": [handle_file(str(upload))]}, api_name="/chat_add")
+        client.predict(api_name="/chat_respond")
+        (app_tmp,) = tmp.glob("lesionlens-*")
+        stored, temp = _modes(data), _modes(app_tmp)
+        assert any(name.endswith(".png") for name in temp)              # overlays and copies
+        assert any(name.endswith(upload.name) for name in temp), temp   # Gradio's upload copy
+        assert any(name.startswith("images/") and name.endswith(".png") for name in stored)
+        # Gradio copies the bundled (public) example images with their own 0644 mode; they sit
+        # in the 0700 folder, out of other users' reach.
+        samples = {p.name for p in SAMPLES.glob("*")}
+        temp = {n: m for n, m in temp.items() if not (Path(n).name in samples and m == 0o644)}
+        for root, modes in ((data, stored), (app_tmp, temp)):
+            folders = {n for n in modes if root.joinpath(n).is_dir()}
+            assert {n: m for n, m in modes.items() if n in folders and m != 0o700} == {}
+            assert {n: m for n, m in modes.items() if n not in folders and m != 0o600} == {}
+    finally:
+        app.stop()
+    assert app.proc.returncode == 128 + 15                            # SIGTERM, handled
+    assert list(tmp.glob("lesionlens-*")) == [], app.log()
+
+
+@pytest.mark.slow
+def test_app_start_collects_orphans_and_a_broken_data_folder_gets_a_clear_message(
+        tiny_checkpoint, tmp_path):
+    from gradio_client import Client, handle_file
+    from app.store import CaseStore
+    db = tmp_path / "data" / "cases.db"
+    store = CaseStore(db)
+    orphan = store.image_path("ab" + "0" * 62)           # a file a crash left without its row
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"half a case")
+    app = AppProcess(tiny_checkpoint, db, "--no-warmup", log_path=tmp_path / "app.log").wait_ready()
+    try:
+        assert not orphan.exists()
+        assert "Removed 1 image file(s) no case refers to" in app.log()
+        # The data folder breaks while serving (a real OS error: the lock file is a folder).
+        (db.parent / ".lock").unlink()
+        (db.parent / ".lock").mkdir()
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
+        with pytest.raises(Exception) as refused:
+            client.predict(handle_file(str(SAMPLE)), api_name="/classify")
+        message = str(refused.value)
+        assert "could not save: the data folder is not writable" in message
+        assert "Errno" not in message and str(db.parent) not in message
+        time.sleep(0.5)
+        assert "could not save in" in app.log() and "Is a directory" in app.log()
+    finally:
+        app.stop()
+    assert store.count() == 0
+
+
+def _login(app, user: str, password: str) -> tuple[int, dict]:
+    """POST /login as the browser's sign-in form does: (HTTP status, headers in lower case)."""
+    import urllib.parse
+    body = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(app.url + "login", data=body), timeout=30) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+@pytest.mark.slow
+def test_login_is_throttled_by_user_and_address_and_logged(tiny_checkpoint, tmp_path):
+    from app.auth import ADDRESS_FREE_FAILURES, USER_FREE_FAILURES, hash_password
+    auth_file = tmp_path / "auth.txt"
+    auth_file.write_text(f"ana:{hash_password('pw-ana')}\n")
+    app = AppProcess(tiny_checkpoint, tmp_path / "data" / "cases.db", "--no-warmup",
+                     "--auth-file", str(auth_file), "--auth", "bo:pw-bo",
+                     log_path=tmp_path / "app.log").wait_ready()
+    try:
+        assert _login(app, "ana", "pw-ana")[0] == 200                 # the hashed password works
+        for i in range(USER_FREE_FAILURES):
+            assert _login(app, "ana", f"guess-{i}")[0] == 400
+        status, headers = _login(app, "ana", "pw-ana")                # right, but locked out
+        assert status == 429 and int(headers["retry-after"]) >= 1, headers
+        assert _login(app, "ana", "guess-x")[0] == 429
+        assert _login(app, "bo", "pw-bo")[0] == 200                   # other users unaffected
+        time.sleep(int(headers["retry-after"]) + 0.5)
+        assert _login(app, "ana", "pw-ana")[0] == 200                 # the lock-out ends
+
+        # One address guessing many user names is locked out as a whole.
+        statuses = [_login(app, f"user{i}", "guess")[0]
+                    for i in range(ADDRESS_FREE_FAILURES - USER_FREE_FAILURES)]
+        assert statuses == [400] * len(statuses)
+        assert _login(app, "bo", "pw-bo")[0] == 429
+        log = app.log()
+    finally:
+        app.stop()
+    failed = [l for l in log.splitlines() if "failed login for user 'ana' from 127.0.0.1" in l]
+    assert len(failed) == USER_FREE_FAILURES and "locked out for 2 s" in failed[-1]
+    assert "login refused for user 'ana' from 127.0.0.1: locked out" in log
+    assert "guess-" not in log and "pw-ana" not in log and "pw-bo" not in log   # no passwords

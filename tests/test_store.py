@@ -98,6 +98,71 @@ def test_exports(tmp_path):
         Image.open(io.BytesIO(z.read(rows[0]["image"]))).verify()
 
 
+def test_csv_export_neutralises_formulas(tmp_path):
+    store = CaseStore(tmp_path / "cases.db")
+    store.add_case(_image(10), predictions=_preds("mel"), malignant_probability=0.8,
+                   user="@ana", note='=HYPERLINK("http://x","y")', filename="=1+1.jpg")
+    for start in "+-\t\r":
+        store.add_case(_image(10), predictions=_preds("nv"), malignant_probability=0.1,
+                       note=f"{start}cmd|' /C calc'!A0", filename=f"{start}x.png")
+    store.add_case(_image(11), predictions=_preds("nv"), malignant_probability=0.1,
+                   note="left shoulder, -2 mm", filename="ok.jpg")
+    out = store.export_csv(tmp_path / "out" / "cases.csv", classes=["mel", "nv", "bkl"])
+    rows = list(csv.DictReader(out.open(newline="")))
+    first = rows[-1]                                    # oldest last
+    assert first["note"] == '\'=HYPERLINK("http://x","y")'
+    assert first["filename"] == "'=1+1.jpg" and first["user"] == "'@ana"
+    for row in rows[1:-1]:
+        assert row["note"].startswith("'") and row["filename"].startswith("'"), row
+        assert row["note"][1] in "+-\t\r"                # the text itself is kept
+    assert rows[0]["note"] == "left shoulder, -2 mm" and rows[0]["filename"] == "ok.jpg"
+    assert all(not r[k].startswith(tuple("=+-@\t\r")) for r in rows for k in r)
+    zpath = store.export_zip(tmp_path / "out" / "cases.zip")      # the ZIP's CSV too
+    with zipfile.ZipFile(zpath) as z:
+        zipped = list(csv.DictReader(io.StringIO(z.read("cases.csv").decode(), newline="")))
+    assert zipped == rows
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_data_folder_and_files_are_private(tmp_path):
+    old_umask = os.umask(0o022)                 # the usual umask: 0755 folders, 0644 files
+    try:
+        store = CaseStore(tmp_path / "history" / "cases.db")
+        case = store.add_case(_image(12), predictions=_preds("nv"), malignant_probability=0.1)
+        store.export_zip(tmp_path / "history" / "exports" / "cases.zip")
+        root = tmp_path / "history"
+        folders = [root, store.images_dir, store.thumbs_dir, case.image_path.parent,
+                   case.thumb_path.parent, root / "exports"]
+        assert {str(f): _mode(f) for f in folders} == {str(f): 0o700 for f in folders}
+        import sqlite3
+        reader = sqlite3.connect(root / "cases.db")   # while open, the -wal and -shm files exist
+        try:
+            reader.execute("SELECT COUNT(*) FROM cases").fetchone()
+            files = [p for p in root.rglob("*") if p.is_file()]
+            assert {"cases.db", "cases.db-wal", "cases.db-shm", ".lock", "cases.zip",
+                    case.image_path.name} <= {p.name for p in files}
+            assert {str(p): _mode(p) for p in files} == {str(p): 0o600 for p in files}
+        finally:
+            reader.close()
+
+        # A store written by an older version (umask modes) is tightened when opened.
+        old = tmp_path / "old"
+        old.mkdir()
+        CaseStore(old / "cases.db").add_case(_image(13), predictions=_preds("nv"),
+                                             malignant_probability=0.1)
+        for p in old.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        CaseStore(old / "cases.db")
+        assert _mode(old / "cases.db") == _mode(old / ".lock") == 0o600
+        assert _mode(old / "images") == _mode(old / "thumbs") == 0o700
+        assert _mode(old) == 0o755                # a folder it did not create is left alone
+    finally:
+        os.umask(old_umask)
+
+
 def test_orphans_are_collected(tmp_path):
     store = CaseStore(tmp_path / "cases.db")
     case = store.add_case(_image(8), predictions=_preds("nv"), malignant_probability=0.1)
