@@ -36,7 +36,7 @@ def cmd_evaluate(args):
 def cmd_benchmark(args):
     from .benchmark import benchmark, table
     result = benchmark(args.checkpoint, args.sets, args.out, tta=args.tta, n_bootstrap=args.bootstrap,
-                       record=args.record)
+                       record=args.record, resize=args.resize)
     print(table(result))
     print(f"wrote {args.out}/benchmark.json and benchmark.png")
 
@@ -134,6 +134,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="dihedral test-time augmentation (default: as the checkpoint was validated)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--resize", choices=["squash", "center", "fov"],
+                   help="override the checkpoint's crop-and-resize mode (an inference-only ablation)")
     p.add_argument("--record", action="store_true",
                    help="also store the table in the checkpoint's metadata (shown on its model card)")
     p.add_argument("sets", nargs="+", metavar="SET",

@@ -31,10 +31,16 @@ def set_row(name: str, m: dict) -> dict:
 
 
 def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = None, n_bootstrap: int = 200,
-              record: bool = False) -> dict:
+              record: bool = False, resize: str | None = None) -> dict:
     """Evaluate `checkpoint` on each SET; with `record`, also store the table in the checkpoint's
-    metadata (`metrics.benchmark`), so the numbers travel with the model and show on its card."""
+    metadata (`metrics.benchmark`), so the numbers travel with the model and show on its card.
+    `resize` overrides the checkpoint's crop-and-resize mode: an inference-only ablation of the
+    preprocessing (the model was trained with its own mode), never recorded."""
     predictor = Predictor.load(checkpoint)
+    if resize is not None:
+        if record:
+            raise ValueError("a benchmark with another resize mode is an ablation: it is not recorded")
+        predictor.resize = resize
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -46,6 +52,7 @@ def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = 
         write_predictions(out / f"predictions_{name}.csv", predictor, data.records, data.labels,
                           predictor.probabilities(logits))
     result = metrics.to_jsonable({"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id,
+                                  "resize": predictor.resize,
                                   "operating_threshold": predictor.operating_threshold, "sets": rows})
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     if record:
