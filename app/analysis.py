@@ -1,7 +1,7 @@
 """One image in, one stored case out: probabilities, malignancy, unusual-image flag, warnings
 and a Grad-CAM overlay.
 
-    case, result, overlay_png = classify_path(ctx, "data/samples/mel_ISIC_0030828.jpg",
+    case, result, overlay_png = classify_path(ctx, "data/samples/mel_ISIC_0024310.jpg",
                                               note="60 y, male, back")
 
 The note's age, sex and body site (`commands.parse_clinical`) go to the model only when the

@@ -17,7 +17,7 @@ from model.errors import UserError
 
 from .analysis import classify_path
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
-from .services import Services, md_escape, overlay, write_png
+from .services import Services, md_escape, overlay, sample_truth, write_png
 from .store import MAX_NOTE_CHARS, NotStored, check_note
 
 log = logging.getLogger("lesionlens")
@@ -79,6 +79,12 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     lines.append("")
     if clinical:
         lines += [clinical, ""]
+    truth = sample_truth(case)
+    if truth:
+        verdict = ("the model agrees" if truth == case.top_class else
+                   f"**the model is wrong on this one** (it says {names.get(case.top_class, case.top_class)})")
+        lines += [f"Bundled sample with a known diagnosis: **{names.get(truth, truth)}** (`{truth}`): {verdict}. "
+                  "The bundled model never trained on it (see data/samples/ATTRIBUTION.md).", ""]
     lines.append("| | class | probability |")
     lines.append("|---|---|---|")
     for rank, (code, prob) in enumerate(ranked, 1):

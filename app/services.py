@@ -32,6 +32,7 @@ from .store import CaseStore, storage_errors
 
 log = logging.getLogger("lesionlens")
 
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"  # named <true dx>_<image id>.jpg
 DISPLAY_MAX_SIDE = 448   # px: overlays in chat and compare
 DISPLAY_MIN_SIDE = 384   # px: smaller images are enlarged for display (never for the model)
 DEFAULT_ALPHA = 0.5
@@ -161,6 +162,19 @@ def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "
     if heat is None:
         heat = predictor.explain(prepared, method=method, class_index=class_index)
     return blend(image, heat_on_display(predictor, heat, image), alpha), heat
+
+
+def sample_truth(case) -> str | None:
+    """The true diagnosis code when `case` is one of the bundled samples (same name, same pixels)."""
+    sample = SAMPLES / (case.filename or "")
+    if not case.filename or "/" in case.filename or not sample.is_file():
+        return None
+    try:
+        with Image.open(sample) as im:
+            same = np.array_equal(np.asarray(im.convert("RGB")), np.asarray(case.load_image()))
+    except OSError:
+        return None
+    return case.filename.split("_")[0] if same else None
 
 
 def write_png(ctx: Services, array, stem: str, case_id: int | None = None) -> str:

@@ -27,11 +27,10 @@ from .analysis import classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
-from .services import DEFAULT_ALPHA, Services, remove_on_exit, user_of
+from .services import DEFAULT_ALPHA, SAMPLES, Services, remove_on_exit, user_of
 
 log = logging.getLogger("lesionlens")
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 MODEL = dict(concurrency_id="model", concurrency_limit=1)   # one model call at a time on the CPU
 LIGHT = dict(concurrency_limit=None)                        # store-only: never wait for the model
 
@@ -49,17 +48,19 @@ PLACEHOLDER = ("**Drop one or more lesion images** below (optionally with a note
                "`explain melanoma`, `why not nevus?` or `help`.")
 
 
+# The note each bundled sample comes with (its metadata; see data/samples/ATTRIBUTION.md).
+SAMPLE_NOTES = {"akiec": "65 y, back", "bcc_ISIC_0024331": "65 y, lower leg", "bkl": "75 y, lower leg",
+                "df": "60 y, lower leg", "mel_ISIC_0024310": "60 y, chest", "nv_ISIC_0024340": "10 y, foot",
+                "vasc": "25 y, abdomen", "nv_ISIC_0053493": "40 y, trunk", "mel_ISIC_0053541": "85 y, lower leg",
+                "bcc_ISIC_0053549": "85 y, trunk"}
+
+
 def _samples() -> list:
-    """A few bundled HAM10000 images as chat examples (one per class where available)."""
-    notes = {"mel": "75 y, lower leg", "nv": "70 y, back", "bcc": "55 y, back",
-             "bkl": "45 y, face", "akiec": "55 y, neck", "df": "65 y, lower leg",
-             "vasc": "60 y, trunk"}
-    seen, out = set(), []
+    """The bundled held-out images (HAM10000, BCN_20000, ISIC 2017) as chat examples."""
+    out = []
     for p in sorted(SAMPLES.glob("*.jpg")):
-        dx = p.name.split("_")[0]
-        if dx not in seen:
-            seen.add(dx)
-            out.append([{"text": notes.get(dx, ""), "files": [str(p)]}])
+        note = SAMPLE_NOTES.get(p.stem) or SAMPLE_NOTES.get(p.stem.split("_")[0], "")
+        out.append([{"text": note, "files": [str(p)]}])
     return out
 
 
@@ -202,7 +203,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                     file_count="multiple", file_types=["image"], sources=["upload"],
                     placeholder="Drop lesion images here, add a note… or type help",
                     show_label=False, elem_id="chat-input", max_plain_text_length=2000)
-                gr.Examples(_samples(), inputs=[chat_input], label="Sample images (HAM10000)",
+                gr.Examples(_samples(), inputs=[chat_input], label="Held-out samples with known diagnoses (HAM10000, BCN_20000, ISIC 2017)",
                             cache_examples=False, examples_per_page=8)
                 clear = gr.Button("New conversation", size="sm", variant="secondary")
 

@@ -26,8 +26,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
-SAMPLE = SAMPLES / "mel_ISIC_0030828.jpg"
-SAMPLE2 = SAMPLES / "nv_ISIC_0031646.jpg"
+SAMPLE = SAMPLES / "mel_ISIC_0024310.jpg"
+SAMPLE2 = SAMPLES / "nv_ISIC_0024340.jpg"
 
 
 # ------------------------------------------------------------------ helpers (shared with
@@ -231,6 +231,17 @@ def test_chat_reply_has_top3_malignancy_overlay_and_caveat(ctx):
     assert case.note == "54 y, left shoulder" and case.filename == SAMPLE.name
     assert case.checkpoint_id == ctx.predictor.checkpoint_id
     assert sum(case.predictions.values()) == pytest.approx(1.0, abs=1e-4)
+    # A bundled sample carries its true diagnosis; the reply says whether the model agrees.
+    verdict = "the model agrees" if case.top_class == "mel" else "the model is wrong on this one"
+    assert "known diagnosis: **Melanoma** (`mel`)" in reply and verdict in reply
+
+
+def test_only_the_bundled_sample_itself_gets_a_true_diagnosis(ctx, tmp_path):
+    # Another image under a sample's name (different pixels) is not that sample.
+    impostor = tmp_path / SAMPLE.name
+    Image.open(SAMPLE2).save(impostor)
+    history, _ = _chat(ctx, "", [impostor])
+    assert "known diagnosis" not in _assistant_texts(history)[0]
 
 
 def test_reply_places_malignancy_against_the_sensitive_threshold(ctx, monkeypatch):
