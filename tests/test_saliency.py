@@ -38,8 +38,12 @@ class TopLeftModel(nnx.Module):
         self.mix = nnx.Param(jnp.array([[1.0, -0.5, 0.3, 0.8], [0.2, 1.0, -0.7, 0.1], [-0.4, 0.6, 1.0, -0.9]]))
         self.out = nnx.Param(jnp.array([[1.0, -1.0], [0.5, 0.8], [-0.6, 0.4], [0.9, 0.2]]))
 
+    def feature_stages(self, x, taps=None):
+        feats = jax.nn.relu(x @ self.mix[...])
+        return [feats + taps[0] if taps else feats]
+
     def features(self, x):
-        return jax.nn.relu(x @ self.mix[...])
+        return self.feature_stages(x)[-1]
 
     def head(self, feats):
         h, w = feats.shape[1] // 2, feats.shape[2] // 2
@@ -72,7 +76,18 @@ def test_every_method_any_class_gives_unit_maps(cnn, images, method):
         peaks = maps.max(axis=(1, 2))  # each map is scaled to reach 1, or blank (no positive evidence)
         assert np.all((np.abs(peaks - 1) < 1e-6) | (peaks == 0))
     raw = saliency.METHODS[method](cnn, images, 1 - top, **kw)
-    assert raw.shape == ((2, 8, 8) if method == "gradcam" else (2, SIZE, SIZE))
+    # CAMs live on the feature maps: the last (8x8), or the finest of the last three stages (32x32)
+    cam_shapes = {"gradcam": (2, 8, 8), "hirescam": (2, 8, 8), "gradcam_fused": (2, 32, 32), "layercam": (2, 32, 32)}
+    assert raw.shape == cam_shapes.get(method, (2, SIZE, SIZE))
+
+
+def test_stage_taps_give_the_exact_gradients(cnn, images):
+    # Grad-CAM through the zero taps equals Grad-CAM through jax.vjp of the head.
+    ci = jnp.array([0, 1])
+    np.testing.assert_allclose(np.asarray(saliency._cam(cnn, images, ci, "gradcam", 1)),
+                               np.asarray(saliency._grad_cam(cnn, images, ci)), rtol=1e-5, atol=1e-7)
+    maps, grads = saliency._stage_maps_and_grads(cnn, images, ci, 3)
+    assert [m.shape[1] for m in maps] == [32, 16, 8] and all(g.shape == m.shape for g, m in zip(grads, maps))
 
 
 def test_gradcam_depends_on_the_class(cnn, images):
@@ -100,13 +115,15 @@ def test_smoothgrad_is_reproducible_and_key_dependent(cnn, images):
     assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("method", ["gradients", "smoothgrad", "integrated_gradients", "occlusion"])
+@pytest.mark.parametrize("method", ["gradients", "smoothgrad", "integrated_gradients", "occlusion", "hirescam",
+                                    "layercam"])
 def test_maps_point_at_the_only_quadrant_that_matters(method):
+    # (Grad-CAM is absent on purpose: averaging the gradients over positions spreads them everywhere.)
     model = TopLeftModel()
     x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1.0, maxval=2.0)
     # Occlusion patches aligned with the quadrant: a patch straddling its border would smear the
     # drop onto the outside half.
-    kw = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"n": 4}}.get(method, {})
+    kw = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"n": 4}, "layercam": {"n_stages": 1}}.get(method, {})
     maps = saliency.METHODS[method](model, x, jnp.array([0, 1]), **kw)
     if method == "occlusion":  # signed: only the evidence for the class counts
         maps = jnp.maximum(maps, 0)

@@ -12,9 +12,16 @@ class Classifier(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.classifier = nnx.Linear(in_features, num_classes, dtype=dtype, rngs=rngs)
 
+    def feature_stages(self, x, taps=None) -> list:
+        """The output of every resolution stage (B, h_k, w_k, C_k), coarsest last; the last is the
+        feature map the head pools. `taps` ({stage index: array of that stage's shape}) are added to
+        those outputs: zeros change nothing, and the gradient with respect to a tap is the gradient
+        with respect to that stage, so class-activation maps of several stages take one backward pass."""
+        raise NotImplementedError
+
     def features(self, x):
         """Last convolutional feature map (B, h, w, C): what Grad-CAM looks at."""
-        raise NotImplementedError
+        return self.feature_stages(x)[-1]
 
     def head(self, feats):
         pooled = feats.mean(axis=(1, 2))
@@ -22,3 +29,11 @@ class Classifier(nnx.Module):
 
     def __call__(self, x):
         return self.head(self.features(x))
+
+
+def tapped(outputs: list, y, taps):
+    """Append stage output `y` (plus its tap, if any) to `outputs` and return it."""
+    if taps is not None and len(outputs) in taps:
+        y = y + taps[len(outputs)].astype(y.dtype)
+    outputs.append(y)
+    return y

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .base import Classifier
+from .base import Classifier, tapped
 
 # One row per stage, from efficientnet/lite/efficientnet_lite_builder.py:
 # (repeats, kernel, stride, expand_ratio, in_filters, out_filters)
@@ -292,14 +292,21 @@ class EfficientNetLite(Classifier):
             for i, spec in enumerate(specs)
         ])
         self.head_conv = ConvBN(specs[-1][-1], HEAD_FILTERS, 1, dtype=dtype, rngs=rngs)
+        # A resolution stage ends where the next block halves the resolution.
+        self.stage_ends = tuple(i for i in range(len(specs) - 1) if specs[i + 1][1] == 2)
         self.init_head(HEAD_FILTERS, num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
-    def features(self, x):
-        """Head conv output (B, h, w, 1280) after ReLU6: what Grad-CAM looks at."""
+    def feature_stages(self, x, taps=None):
+        """The last block's output at each resolution, then the head conv output (B, h, w, 1280)
+        after ReLU6: what Grad-CAM looks at (5x5 at 160 px; the stages before it are 10x10, 20x20 ...)."""
+        outputs = []
         x = self.stem(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.head_conv(x)
+            if i in self.stage_ends:
+                x = tapped(outputs, x, taps)
+        tapped(outputs, self.head_conv(x), taps)
+        return outputs
 
 
 def efficientnet_lite0(num_classes: int, *, dropout: float = DEFAULT_DROPOUT["lite0"], **config):

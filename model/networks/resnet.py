@@ -6,7 +6,7 @@ ResNet-50 is torchvision's "v1.5": the stride-2 of a bottleneck sits on its 3x3 
 import jax.numpy as jnp
 from flax import nnx
 
-from .base import Classifier
+from .base import Classifier, tapped
 
 # PyTorch's BatchNorm2d defaults: its momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
@@ -92,15 +92,17 @@ class ResNet(Classifier):
         self.stages = nnx.List(stages)
         self.init_head(cin, num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
-    def features(self, x):
-        """Last stage output (B, h, w, 512 or 2048) after ReLU: what Grad-CAM looks at."""
+    def feature_stages(self, x, taps=None):
+        """Each stage's output after ReLU; the last (512 or 2048 channels) is what Grad-CAM looks at."""
         x = nnx.relu(self.stem(x))
         # Max-pool pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = []
         for stage in self.stages:
             for block in stage:
                 x = block(x)
-        return x
+            x = tapped(outputs, x, taps)
+        return outputs
 
 
 def resnet18(num_classes: int, **config):

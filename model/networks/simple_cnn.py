@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from .base import Classifier
+from .base import Classifier, tapped
 
 
 class ConvBlock(nnx.Module):
@@ -26,11 +26,13 @@ class SimpleCNN(Classifier):
         ])
         self.init_head(widths[-1], num_classes, dropout=dropout, dtype=dtype, rngs=rngs)
 
-    def features(self, x):
-        """Last convolutional feature map (B, h, w, C): what Grad-CAM looks at."""
+    def feature_stages(self, x, taps=None):
+        """Each stage's output (after its two conv blocks), the last being what Grad-CAM looks at."""
+        outputs = []
         for i, stage in enumerate(self.stages):
             if i:
                 x = nnx.max_pool(x, (2, 2), (2, 2))
             for block in stage:
                 x = block(x)
-        return x
+            x = tapped(outputs, x, taps)
+        return outputs
