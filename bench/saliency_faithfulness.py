@@ -12,7 +12,11 @@ baseline; its sigma is set so that half its energy lies in a centred disc of the
 area) and against chance (the mask's area fraction: what a uniform map or a random point scores);
 - randomisation: Spearman rank correlation between the maps of the trained model and of the same
 architecture with re-initialised weights (Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
-Near 0 is what a faithful method gives; near 1 means the map shows the image, not the model.
+Near 0 is what a faithful method gives; near 1 means the map shows the image, not the model;
+- deletion and insertion AUCs (Petsiuk et al. 2018): the class probability as the most salient
+  pixels are replaced by a blurred copy (deletion: should fall fast, low AUC) or put back into it
+  (insertion: should rise fast, high AUC), against a random pixel order and the centred Gaussian.
+  These measure faithfulness to the model; the mask scores only plausibility.
 
 Masks go through the predictor's own square view (`to_square` with the checkpoint's resize mode),
 so they line up with the maps pixel for pixel. Prints a Markdown table; --out writes JSON.
@@ -24,10 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flax import nnx  # noqa: E402
 
 from model import saliency  # noqa: E402
 from model.images import load_image, square_box, to_square  # noqa: E402
@@ -60,24 +68,46 @@ def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(maps.max(axis=(1, 2)) > 0, hits, np.nan)
 
 
-def rank_average(a: np.ndarray) -> np.ndarray:
-    """Ranks with ties given their average rank (what Spearman's rho needs)."""
-    order = np.argsort(a, kind="stable")
-    s = a[order]
-    first = np.r_[True, s[1:] != s[:-1]]
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(a)]
-    ranks = np.empty(len(a))
-    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]  # 1-based
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two maps; NaN when either is constant."""
-    ra, rb = rank_average(a.ravel()), rank_average(b.ravel())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+    """Spearman rank correlation of two maps (SciPy); NaN when either is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+DELETION_STEPS = 16  # fractions 0, 1/16, ..., 1 of the pixels removed (or inserted)
+
+
+def pixel_order(maps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Pixels of each map, most salient first; ties (the clipped top 1 %, flat regions) in random order."""
+    flat = maps.reshape(len(maps), -1)
+    jitter = rng.random(flat.shape) * 1e-6
+    return np.argsort(-(flat + jitter), axis=1, kind="stable")
+
+
+def deletion_insertion(probability, x: np.ndarray, baseline: np.ndarray, order: np.ndarray,
+                       steps: int = DELETION_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Area under the deletion and insertion curves (Petsiuk et al. 2018, RISE) for each image.
+
+    Deletion replaces the most salient pixels first by `baseline` (a blurred copy: a black or grey
+    fill pushes the image out of the training distribution, which ROAD (Rong et al. 2022) shows
+    confounds the score) and tracks the class probability: a faithful map makes it fall fast (low
+    AUC). Insertion starts from the baseline and puts the most salient pixels back first: it
+    should rise fast (high AUC). `probability(images) -> (n,)` scores one image's variants.
+    """
+    n, h, w, _ = x.shape
+    fractions = np.linspace(0, 1, steps + 1)
+    deletion, insertion = np.empty(n), np.empty(n)
+    for i in range(n):
+        rank = np.empty(h * w, int)
+        rank[order[i]] = np.arange(h * w)
+        masks = (rank[None, :] < (fractions[:, None] * h * w)).reshape(steps + 1, h, w, 1)
+        deleted = np.where(masks, baseline[i], x[i])
+        inserted = np.where(masks, x[i], baseline[i])
+        probs = probability(np.concatenate([deleted, inserted]), i)
+        deletion[i] = np.trapezoid(probs[:steps + 1], fractions)
+        insertion[i] = np.trapezoid(probs[steps + 1:], fractions)
+    return deletion, insertion
 
 
 def centred_gaussian(size: int, area_fraction: float) -> np.ndarray:
@@ -140,6 +170,32 @@ def explain_all(model, x_all, ci_all, method: str, batch: int) -> tuple[np.ndarr
     return np.concatenate(maps), (time.perf_counter() - start) / len(x_all)
 
 
+@nnx.jit
+def _logits(model, x):
+    return model(x)
+
+
+def faithfulness_rows(p, x: np.ndarray, ci: np.ndarray, maps_by_name: dict, seed: int) -> dict:
+    """Deletion and insertion AUCs for each map, and for a random pixel order (the chance baseline)."""
+    temperature = float(p.metadata.get("temperature", 1.0))
+    baseline = np.asarray(saliency.gaussian_blur(jnp.asarray(x)))
+
+    def probability(images, i):
+        logits = np.asarray(_logits(p.model, jnp.asarray(images))) / temperature
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True))[:, ci[i]]
+
+    rng = np.random.default_rng(seed)
+    orders = {name: pixel_order(maps, rng) for name, maps in maps_by_name.items()}
+    orders["random order"] = np.stack([rng.permutation(x.shape[1] * x.shape[2]) for _ in range(len(x))])
+    rows = {}
+    for name, order in orders.items():
+        deletion, insertion = deletion_insertion(probability, x, baseline, order)
+        rows[name] = {"deletion_auc": summarise(deletion), "insertion_auc": summarise(insertion),
+                      "insertion_minus_deletion": summarise(insertion - deletion)}
+    return rows
+
+
 def run(args) -> dict:
     from model.predictor import Predictor  # noqa: PLC0415 (after the data check: fail fast)
 
@@ -164,8 +220,10 @@ def run(args) -> dict:
         random_model = build(md["arch"], len(md["classes"]), seed=RANDOM_SEED, **md.get("arch_config", {}))
         random_model.eval()
 
+    maps_by_name = {"centred Gaussian": np.asarray(gauss)}
     for method in args.methods:
         maps, sec = explain_all(p.model, x, ci, method, args.batch)
+        maps_by_name[method] = maps
         # The batched path must be what the app sees: p.explain on the first image.
         same = np.abs(p.explain(images[0], method=method, class_index=int(ci[0])) - maps[0]).max()
         row = {"energy_in_mask": summarise(energy_in_mask(maps, masks)),
@@ -178,10 +236,16 @@ def run(args) -> dict:
         rows[method] = row
         print(f"  {method}: {sec:.2f} s/image", file=sys.stderr)
 
+    p.model.eval()
+    faithful = faithfulness_rows(p, x[:args.n_faithfulness], ci[:args.n_faithfulness],
+                                 {k: v[:args.n_faithfulness] for k, v in maps_by_name.items()}, args.seed)
+    for name, row in faithful.items():
+        rows.setdefault(name, {}).update(row)
     return {"checkpoint": str(args.checkpoint), "checkpoint_id": p.checkpoint_id, "arch": p.metadata["arch"],
             "image_size": size, "resize": resize, "n_images": len(ids), "target": args.target,
             "split": str(args.split) if args.split else None, "seed": args.seed,
             "gaussian_area_fraction": float(np.median(area)), "random_model_seed": RANDOM_SEED,
+            "deletion_steps": DELETION_STEPS, "n_faithfulness": min(args.n_faithfulness, len(ids)),
             "rows": rows, "image_ids": ids}
 
 
@@ -191,15 +255,21 @@ def markdown(result: dict) -> str:
 
     lines = [f"Saliency faithfulness: {result['checkpoint_id']} ({result['arch']}, {result['image_size']} px, "
              f"{result['resize']}), {result['n_images']} HAM10000 images, target = {result['target']} class",
-             "", "| map | energy in mask | pointing game | rank corr. with random-weights map | s / image |",
-             "| --- | --- | --- | --- | --- |"]
+             "", "| map | energy in mask | pointing game | rank corr. with random-weights map | deletion AUC | "
+                 "insertion AUC | insertion - deletion | s / image |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in result["rows"].items():
         sec = row.get("seconds_per_image")
-        lines.append(f"| {name} | {cell(row['energy_in_mask'])} | {cell(row['pointing'])} | "
-                     f"{cell(row.get('randomisation_spearman'))} | {'-' if sec is None else f'{sec:.2f}'} |")
+        lines.append(f"| {name} | {cell(row.get('energy_in_mask'))} | {cell(row.get('pointing'))} | "
+                     f"{cell(row.get('randomisation_spearman'))} | {cell(row.get('deletion_auc'))} | "
+                     f"{cell(row.get('insertion_auc'))} | {cell(row.get('insertion_minus_deletion'))} | "
+                     f"{'-' if sec is None else f'{sec:.2f}'} |")
     lines.append("")
     lines.append("Means ± 95 % normal-approximation half-widths. Rank correlation: lower is better "
-                 "(Adebayo et al. 2018); a method near 1 ignores the weights.")
+                 "(Adebayo et al. 2018); a method near 1 ignores the weights. Deletion / insertion "
+                 f"(Petsiuk et al. 2018) on the first {result['n_faithfulness']} images, {result['deletion_steps']} "
+                 "steps, pixels replaced by a blurred copy: deletion lower is better, insertion higher; "
+                 "the baselines are the random pixel order and the centred Gaussian.")
     return "\n".join(lines)
 
 
@@ -214,6 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(saliency.METHODS), choices=list(saliency.METHODS))
     ap.add_argument("--target", choices=("pred", "true"), default="pred", help="explain the predicted or the true class")
     ap.add_argument("--batch", type=int, default=4, help="images per saliency call")
+    ap.add_argument("--n-faithfulness", type=int, default=100,
+                    help="images scored by deletion / insertion (each costs 2 x 17 forward passes per map)")
     ap.add_argument("--no-randomisation", action="store_true", help="skip the random-weights sanity check")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -232,10 +232,22 @@ def test_faithfulness_metrics_on_known_maps():
     assert np.isnan(bench.energy_in_mask(maps, masks)[2]) and np.isnan(bench.pointing_game(maps, masks)[2])
 
     a = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
-    np.testing.assert_allclose(bench.rank_average(a), [4.0, 1.0, 2.5, 2.5, 5.0])
     assert bench.spearman(a, a ** 3) == pytest.approx(1.0)
     assert bench.spearman(a, -a) == pytest.approx(-1.0)
     assert np.isnan(bench.spearman(a, np.ones(5)))
+
+    # Deletion / insertion: the "class probability" is the share of the lesion still showing.
+    lesion = np.zeros((1, 16, 16, 1), np.float32)
+    lesion[:, 4:12, 4:12] = 1.0                       # a quarter of the frame
+    x, baseline = np.repeat(lesion, 3, axis=-1), np.zeros((1, 16, 16, 3), np.float32)
+    probability = lambda images, i: images[:, 4:12, 4:12, 0].mean(axis=(1, 2))  # noqa: E731
+    rng = np.random.default_rng(0)
+    right = bench.pixel_order(lesion[..., 0], rng)
+    wrong = bench.pixel_order(1 - lesion[..., 0], rng)
+    deletion, insertion = bench.deletion_insertion(probability, x, baseline, right)
+    assert deletion[0] == pytest.approx(0.125, abs=0.01) and insertion[0] == pytest.approx(0.875, abs=0.01)
+    deletion, insertion = bench.deletion_insertion(probability, x, baseline, wrong)
+    assert deletion[0] == pytest.approx(0.875, abs=0.01) and insertion[0] == pytest.approx(0.125, abs=0.01)
 
     g = bench.centred_gaussian(101, 0.2)  # half its energy in the centred disc of 20 % of the frame
     yy, xx = np.mgrid[:101, :101] - 50
