@@ -98,7 +98,7 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
         raise UserError(_strip_path(str(e), path)) from None
     result = analyse(ctx.predictor, image, parse_clinical(note))
     top = int(np.argmax(result.probs))
-    over, _ = overlay(ctx.predictor, image, result.prepared, "gradcam", top)
+    over, _ = overlay(ctx.predictor, image, result.prepared, None, top)
     png = write_png(ctx, over, f"gradcam-{Path(filename).stem}")
     p = ctx.predictor
     case = ctx.store.add_case(

@@ -99,7 +99,8 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     if point:
         lines += ["", point]
     lines.append("")
-    lines.append(f"Grad-CAM below shows where the model looked for **{names.get(case.top_class)}**. "
+    label = METHOD_LABELS.get(predictor.default_method, predictor.default_method)
+    lines.append(f"{label} below shows where the model looked for **{names.get(case.top_class)}**. "
                  "Type `help` for more explanations.")
     lines.append("")
     lines.append(CAVEAT)
@@ -187,7 +188,8 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
         history.append(text_message(report_markdown(
             ctx.predictor, case, result.warnings, clinical_line(ctx.predictor, result.clinical))))
         top = ctx.predictor.class_names[int(np.argmax(result.probs))]
-        history.append(image_message(png, f"Grad-CAM overlay for {top}"))
+        label = METHOD_LABELS.get(ctx.predictor.default_method, ctx.predictor.default_method)
+        history.append(image_message(png, f"{label} overlay for {top}"))
         yield history, state
 
 
@@ -206,7 +208,7 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
                              "from the History tab.")]
     image = case.load_image()
     prepared = p.prepare([image])
-    method = cmd.method or "gradcam"
+    method = cmd.method or p.default_method
     ci = cmd.class_index if cmd.class_index is not None else int(
         p.classes.index(case.top_class))
     over, _ = overlay(p, image, prepared[0], method, ci)
@@ -237,8 +239,8 @@ def open_case_in_chat(ctx: Services, case_id, history, user: str):
     p = ctx.predictor
     image = case.load_image()
     ci = p.classes.index(case.top_class)
-    over, _ = overlay(p, image, p.prepare([image])[0], "gradcam", ci)
-    png = write_png(ctx, over, f"gradcam-case{case.id}", case.id)
+    over, _ = overlay(p, image, p.prepare([image])[0], None, ci)
+    png = write_png(ctx, over, f"{p.default_method}-case{case.id}", case.id)
     history.append(text_message(f"Opened case #{case.id} from history.", "user"))
     same_model = case.checkpoint_id == p.checkpoint_id
     warnings = [] if same_model else ["This case was analysed by another checkpoint "
@@ -249,5 +251,6 @@ def open_case_in_chat(ctx: Services, case_id, history, user: str):
     # The stored probabilities came from this checkpoint and this note: say what it used.
     clinical = clinical_line(p, parse_clinical(case.note)) if same_model else None
     history.append(text_message(report_markdown(p, case, warnings, clinical)))
-    history.append(image_message(png, f"Grad-CAM overlay for {p.class_names[ci]}"))
+    label = METHOD_LABELS.get(p.default_method, p.default_method)
+    history.append(image_message(png, f"{label} overlay for {p.class_names[ci]}"))
     return history, {"case_id": case.id}

@@ -25,11 +25,17 @@ METHODS = {
     "smoothgrad": ("smoothgrad", "smooth grad", "smooth-grad", "smooth gradients", "smooth"),
     "occlusion": ("occlusion", "occlude", "occluded", "sliding window"),
     "gradcam": ("grad-cam", "gradcam", "grad cam", "cam", "heatmap", "heat map"),
+    "gradcam_fused": ("fused grad-cam", "fused gradcam", "fused grad cam", "multi-stage grad-cam", "fused"),
+    "hirescam": ("hirescam", "hires-cam", "hires cam", "high-resolution cam", "high resolution cam"),
+    "layercam": ("layercam", "layer-cam", "layer cam"),
     "gradients": ("vanilla gradients", "input gradients", "gradients", "gradient", "saliency"),
 }
 
 METHOD_LABELS = {
     "gradcam": "Grad-CAM",
+    "gradcam_fused": "Fused Grad-CAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
     "gradients": "Input gradients",
     "smoothgrad": "SmoothGrad",
     "integrated_gradients": "Integrated Gradients",

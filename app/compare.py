@@ -13,7 +13,8 @@ from model.errors import UserError
 from .commands import METHOD_LABELS
 from .services import Services, blend, display_image, heat_on_display, write_png
 
-COMPARE_METHODS = ("gradcam", "integrated_gradients", "smoothgrad", "occlusion")
+COMPARE_METHODS = ("gradcam", "layercam", "gradcam_fused", "hirescam", "integrated_gradients", "smoothgrad",
+                   "occlusion")
 
 
 def case_label(case) -> str:
@@ -39,7 +40,7 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
     image = case.load_image()
     prepared = p.prepare([image])[0]
     top = p.classes.index(case.top_class)
-    methods = [m for m in (methods or []) if m in METHOD_LABELS] or ["gradcam"]
+    methods = [m for m in (methods or []) if m in METHOD_LABELS] or [p.default_method]
     items = []
     if mode == "classes":
         codes = [c for c in (class_codes or []) if c in p.classes] or [case.top_class]

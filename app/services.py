@@ -156,7 +156,7 @@ def heat_on_display(predictor, heat: np.ndarray, image: Image.Image) -> np.ndarr
     return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]))
 
 
-def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str = "gradcam",
+def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str | None = None,
             class_index: int | None = None, alpha: float = DEFAULT_ALPHA, heat=None):
     """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image."""
     if heat is None:
@@ -212,4 +212,4 @@ def warm_up(predictor) -> None:
     for _ in range(2):
         prepared = predictor.prepare([image])
         predictor.analyse(prepared)
-        predictor.explain(prepared[0], method="gradcam", class_index=0)
+        predictor.explain(prepared[0], class_index=0)  # the default method, as the chat uses it

@@ -249,6 +249,32 @@ def run(args) -> dict:
             "rows": rows, "image_ids": ids}
 
 
+RANDOMISATION_LIMIT = 0.5  # mean Spearman with the random-weights map must stay below this
+
+
+def choose_default(rows: dict) -> tuple[str, str]:
+    """(method, why) by the rule in docs/RESULTS.md: passes the randomisation check, beats the
+    centred Gaussian on both mask scores, best insertion - deletion; within the leader's 95 %
+    half-width counts as tied, and ties go to the cheaper method. Grad-CAM when none qualifies."""
+    gauss = rows["centred Gaussian"]
+    mean = lambda row, key: (row.get(key) or {}).get("mean")  # noqa: E731
+    qualified = [name for name, row in rows.items() if row.get("seconds_per_image") is not None
+                 and mean(row, "randomisation_spearman") is not None
+                 and mean(row, "randomisation_spearman") < RANDOMISATION_LIMIT
+                 and mean(row, "energy_in_mask") > mean(gauss, "energy_in_mask")
+                 and mean(row, "pointing") > mean(gauss, "pointing")
+                 and mean(row, "insertion_minus_deletion") is not None]
+    if not qualified:
+        return "gradcam", "no method passed the randomisation check and beat the centred Gaussian on both mask scores"
+    leader = max(qualified, key=lambda m: mean(rows[m], "insertion_minus_deletion"))
+    best = rows[leader]["insertion_minus_deletion"]
+    tied = [m for m in qualified if mean(rows[m], "insertion_minus_deletion") >= best["mean"] - best["ci95"]]
+    chosen = min(tied, key=lambda m: rows[m]["seconds_per_image"])
+    return chosen, (f"best insertion - deletion among {len(qualified)} qualifying methods "
+                    f"({', '.join(qualified)}); tied within the leader's ({leader}) 95% half-width: "
+                    f"{', '.join(tied)}; the cheapest of those")
+
+
 def markdown(result: dict) -> str:
     def cell(s):
         return "-" if not s or s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
@@ -288,6 +314,9 @@ def main(argv=None) -> int:
                     help="images scored by deletion / insertion (each costs 2 x 17 forward passes per map)")
     ap.add_argument("--no-randomisation", action="store_true", help="skip the random-weights sanity check")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--record", action="store_true",
+                    help="store the chosen default method and its scores in the checkpoint's metadata "
+                         "(the app and Predictor.explain use it; the model card shows it)")
     args = ap.parse_args(argv)
 
     if not (args.data / "images").is_dir() or not (args.data / "masks").is_dir():
@@ -297,7 +326,20 @@ def main(argv=None) -> int:
         print(f"skipped: no checkpoint at {args.checkpoint}; train one first or pass its folder.")
         return 0
     result = run(args)
+    result["default"], result["default_reason"] = choose_default(result["rows"])
     print(markdown(result))
+    print(f"\ndefault method by the rule: {result['default']} ({result['default_reason']})")
+    if args.record:
+        from model import checkpoint  # noqa: PLC0415
+        from model.predictor import Predictor  # noqa: PLC0415
+        p = Predictor.load(args.checkpoint)
+        keep = ("energy_in_mask", "pointing", "randomisation_spearman", "deletion_auc", "insertion_auc",
+                "insertion_minus_deletion", "seconds_per_image")
+        p.metadata["saliency"] = {
+            "default": result["default"], "reason": result["default_reason"], "n_images": result["n_images"],
+            "n_faithfulness": result["n_faithfulness"],
+            "scores": {name: {k: row[k] for k in keep if k in row} for name, row in result["rows"].items()}}
+        checkpoint.update_metadata(p.metadata["checkpoint_path"], p.metadata)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

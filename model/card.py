@@ -290,6 +290,27 @@ def _benchmark_lines(metadata: dict) -> list[str]:
     return lines + _same_source_note(metadata, [r.get("spec", "") for r in rows])
 
 
+def _saliency_lines(metadata: dict) -> list[str]:
+    """Which saliency method the overlay shows, chosen by the rule in docs/RESULTS.md, and its scores."""
+    chosen = metadata.get("saliency") or {}
+    if not chosen.get("default"):
+        return ["", "### Explanations", "",
+                "The overlay shows Grad-CAM on the last feature map; no method was chosen for this checkpoint "
+                "by the faithfulness benchmark (`bench/saliency_faithfulness.py --record`)."]
+    lines = ["", "### Explanations", "",
+             f"The overlay shows **{chosen['default']}**, chosen by a rule written before the measurements "
+             f"({chosen.get('reason', '')}); every other method stays available in the chat and the Compare tab. "
+             f"Scores on {chosen.get('n_images', '?')} HAM10000 validation images with lesion masks "
+             f"(deletion / insertion on {chosen.get('n_faithfulness', '?')}):", "",
+             "| map | energy in mask | pointing game | rank corr. with random weights | deletion AUC | insertion AUC |",
+             "|---|---|---|---|---|---|"]
+    for name, row in (chosen.get("scores") or {}).items():
+        cells = [_fmt((row.get(k) or {}).get("mean")) for k in
+                 ("energy_in_mask", "pointing", "randomisation_spearman", "deletion_auc", "insertion_auc")]
+        lines.append(f"| {'**' + name + '**' if name == chosen['default'] else name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _spec_path(spec: str) -> str:
     """The path of a source spec `[NAME=]PATH[:split,...]` (as `data.parse_source` reads it)."""
     spec = spec.partition("=")[2] if "=" in spec else spec
@@ -358,6 +379,7 @@ def model_card_markdown(metadata: dict) -> str:
     lines += _val_lines(md, classes, names)
     lines += _external_lines(md)
     lines += _benchmark_lines(md)
+    lines += _saliency_lines(md)
     ood = md.get("ood") or {}
     if ood.get("threshold") is not None:
         lines += ["", f"Unusual-image warning: feature distance above {ood['threshold']:.2f} "

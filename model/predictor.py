@@ -154,9 +154,16 @@ class Predictor:
                 "unusual": self.flag_unusual(ood, entropy), "entropy": entropy}
 
     # --- explanations ---
-    def explain(self, image, method: str = "gradcam", class_index: int | None = None, frame: str = "model",
+    @property
+    def default_method(self) -> str:
+        """The saliency method chosen for this checkpoint by the rule in docs/RESULTS.md (stored in
+        its metadata by bench/saliency_faithfulness.py --record); Grad-CAM where none was chosen."""
+        return (self.metadata.get("saliency") or {}).get("default", "gradcam")
+
+    def explain(self, image, method: str | None = None, class_index: int | None = None, frame: str = "model",
                 **kwargs) -> np.ndarray:
-        """Saliency map in [0, 1] for one image, for `class_index` (default: the top class).
+        """Saliency map in [0, 1] for one image, for `class_index` (default: the top class), by
+        `method` (default: `default_method`).
 
         frame="model": (S, S), the model's square view. frame="image": (H, W) on the image's own
         pixels, through the crop and resize `prepare` made (0 outside a field-of-view crop).
@@ -169,7 +176,8 @@ class Predictor:
             class_index = int(self.predict(images).argmax())
         self.model.eval()
         x = preprocess(jnp.asarray(images), self.norm)
-        heat = np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method, **kwargs))[0]
+        heat = np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method or self.default_method,
+                                  **kwargs))[0]
         return self.to_image_frame(heat, image) if frame == "image" else heat
 
     def to_image_frame(self, heat: np.ndarray, image, out_size=None) -> np.ndarray:

@@ -253,3 +253,39 @@ def test_faithfulness_metrics_on_known_maps():
     yy, xx = np.mgrid[:101, :101] - 50
     disc = np.hypot(yy, xx) <= np.sqrt(0.2 * 101 * 101 / np.pi)
     assert g[disc].sum() / g.sum() == pytest.approx(0.5, abs=0.02)
+
+
+def test_default_method_rule():
+    bench = _bench()
+    s = lambda mean, ci=0.01: {"mean": mean, "ci95": ci}  # noqa: E731
+    gauss = {"energy_in_mask": s(0.60), "pointing": s(0.90)}
+
+    def row(energy, pointing, spearman, gain, ci, sec):
+        return {"energy_in_mask": s(energy), "pointing": s(pointing), "randomisation_spearman": s(spearman),
+                "insertion_minus_deletion": s(gain, ci), "seconds_per_image": sec}
+
+    rows = {"centred Gaussian": gauss,
+            "gradcam": row(0.55, 0.95, 0.1, 0.30, 0.02, 0.01),          # loses to the Gaussian on energy
+            "layercam": row(0.65, 0.97, 0.2, 0.40, 0.05, 0.05),         # the leader
+            "hirescam": row(0.64, 0.96, 0.2, 0.37, 0.02, 0.02),         # tied with it, and cheaper
+            "gradients": row(0.70, 0.99, 0.8, 0.50, 0.02, 0.01),        # fails the randomisation check
+            "occlusion": row(0.66, 0.97, 0.1, 0.20, 0.02, 1.00)}
+    assert bench.choose_default(rows)[0] == "hirescam"
+    rows["hirescam"]["insertion_minus_deletion"] = s(0.30)              # no longer tied
+    assert bench.choose_default(rows)[0] == "layercam"
+    assert bench.choose_default({"centred Gaussian": gauss, "gradients": rows["gradients"]})[0] == "gradcam"
+
+
+def test_predictor_explains_with_the_checkpoint_default(tmp_path, images):
+    from test_app import make_tiny_checkpoint
+    from model import checkpoint
+    from model.predictor import Predictor
+    path = make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE)
+    p = Predictor.load(path)
+    assert p.default_method == "gradcam"
+    p.metadata["saliency"] = {"default": "layercam"}
+    checkpoint.update_metadata(p.metadata["checkpoint_path"], p.metadata)
+    p = Predictor.load(path)
+    image = np.asarray((images[0] - images[0].min()) / (images[0].max() - images[0].min()) * 255, np.uint8)
+    np.testing.assert_array_equal(p.explain(image, class_index=1), p.explain(image, "layercam", class_index=1))
+    assert not np.array_equal(p.explain(image, class_index=1), p.explain(image, "gradcam", class_index=1))
