@@ -426,3 +426,115 @@ def test_peer_cuda_only_moves_the_peer_to_a_device(peer_script):
         "(weight / weight.mean())", "weight / weight.mean()") == source
     with pytest.raises(SystemExit, match="has changed"):
         peer_cuda.patched_source(source.replace("net = make_net()\n", "net = build()\n"))
+
+
+# --------------------------------------------------------------------------- against scikit-learn / SciPy
+# The bundled model's predictions on the 600 ISIC 2017 test images (tests/data/; the official ISIC
+# scorer is checked in test_official_scorer.py).
+
+REAL_PREDICTIONS = Path(__file__).parent / "data" / "predictions_isic2017_test_default.csv"
+
+
+@pytest.fixture(scope="module")
+def real():
+    from model.evaluate import read_predictions
+
+    _, probs, classes, labels = read_predictions(REAL_PREDICTIONS)
+    return probs, labels, list(classes)
+
+
+@pytest.mark.filterwarnings("ignore:The y_prob values do not sum to one")
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_metrics_equal_sklearn_on_real_predictions(real):
+    from sklearn import metrics as skm
+    from sklearn.calibration import calibration_curve
+
+    probs, labels, classes = real
+    preds = probs.argmax(axis=1)
+    present = np.unique(labels)
+    m = M.classification_metrics(probs, labels, classes, n_bootstrap=0)
+    assert m["confusion"] == skm.confusion_matrix(labels, preds, labels=range(len(classes))).tolist()
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, preds), abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, preds), abs=1e-12)
+    recall = skm.recall_score(labels, preds, labels=present, average=None)
+    precision = skm.precision_score(labels, preds, labels=present, average=None, zero_division=np.nan)
+    aucs = [skm.roc_auc_score(labels == k, probs[:, k]) for k in present]
+    for j, k in enumerate(present):
+        c = classes[k]
+        assert m["recall"][c] == pytest.approx(recall[j], abs=1e-12)
+        assert m["auc"][c] == pytest.approx(aucs[j], abs=1e-12)
+        if not np.isnan(precision[j]):
+            assert m["precision"][c] == pytest.approx(precision[j], abs=1e-12)
+        fpr, tpr, thr = M.roc_curve(probs[:, k], labels == k)
+        ref = skm.roc_curve(labels == k, probs[:, k], drop_intermediate=False)
+        for ours, theirs in zip((fpr, tpr, thr), ref):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    assert set(m["auc"]) == {classes[k] for k in present}
+    assert m["macro_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    malignant = M.resolve_malignant(classes)
+    assert m["malignant_auc"] == pytest.approx(
+        skm.roc_auc_score(np.isin(labels, malignant), probs[:, malignant].sum(axis=1)), abs=1e-12)
+    # Rows of the CSV sum to 1 only to 2e-6, which some scikit-learn releases renormalise.
+    assert m["nll"] == pytest.approx(skm.log_loss(labels, probs, labels=range(len(classes))), abs=1e-5)
+    # Reliability bins: no confidence here lies on a bin edge, where calibration_curve's (a, b] bins
+    # would differ from our [a, b) ones; its bins are the non-empty ones.
+    rel = M.reliability_bins(probs, labels)
+    filled = rel["count"] > 0
+    accuracy, confidence = calibration_curve(preds == labels, probs.max(axis=1), n_bins=M.ECE_BINS)
+    np.testing.assert_allclose(rel["accuracy"][filled], accuracy, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rel["confidence"][filled], confidence, rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_vectorised_bootstrap_equals_sklearn_per_resample_on_real_predictions(real):
+    """The hand-written batched metrics (kept for speed) against scikit-learn, resample by resample."""
+    from sklearn import metrics as skm
+
+    probs, labels, classes = real
+    malignant = M.resolve_malignant(classes)
+    idx = np.random.default_rng(0).integers(0, labels.size, size=(25, labels.size))
+    idx[0, :100] = idx[0, 0]  # one image drawn 100 times
+    ba = M.balanced_accuracy.batched(probs, labels, idx)
+    ma = M.macro_auc.batched(probs, labels, idx)
+    mal = M.malignant_auc_fn(classes).batched(probs, labels, idx)
+    for b, rows in enumerate(idx):
+        p, y = probs[rows], labels[rows]
+        assert ba[b] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(axis=1)), abs=1e-12)
+        assert ma[b] == pytest.approx(np.mean([skm.roc_auc_score(y == k, p[:, k]) for k in np.unique(y)]), abs=1e-12)
+        assert mal[b] == pytest.approx(skm.roc_auc_score(np.isin(y, malignant), p[:, malignant].sum(axis=1)), abs=1e-12)
+
+
+def test_bootstrap_ci_equals_scipy_percentile_bootstrap_on_real_predictions(real):
+    """Same draws and percentiles as scipy.stats.bootstrap; ours only differs by dropping undefined resamples."""
+    import inspect
+
+    import scipy.stats
+
+    probs, labels, classes = real
+    seed_kw = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+    for fn in (M.balanced_accuracy, M.macro_auc, M.malignant_auc_fn(classes)):
+        ours = M.bootstrap_ci(probs, labels, fn, n=1000, seed=0)
+        res = scipy.stats.bootstrap((np.arange(labels.size),), lambda i, axis=-1, fn=fn: fn.batched(probs, labels, i),
+                                    vectorized=True, n_resamples=1000, method="percentile", confidence_level=0.95,
+                                    **{seed_kw: np.random.default_rng(0)})
+        assert ours == pytest.approx(tuple(res.confidence_interval), abs=1e-12)
+
+
+def test_single_class_and_empty_inputs_stay_nan_without_warnings():
+    import warnings
+
+    probs, _ = _synthetic(n=20, seed=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = np.full(20, 4)
+        assert math.isnan(M.roc_auc(probs[:, 4], labels == 4))
+        fpr, tpr, _ = M.roc_curve(probs[:, 4], labels == 4)
+        assert np.all(np.isnan(fpr)) and not np.any(np.isnan(tpr))
+        assert math.isnan(M.macro_auc(probs, labels))  # the one present class has no negatives
+        assert M.balanced_accuracy(np.eye(7)[labels], labels) == 1.0
+        assert M.balanced_accuracy(probs, labels) == np.mean(probs.argmax(axis=1) == 4)
+        empty = np.zeros((0, 7))
+        assert math.isnan(M.balanced_accuracy(empty, [])) and math.isnan(M.macro_auc(empty, []))
+        assert M.confusion_matrix([], [], 7).shape == (7, 7)
+        fpr, tpr, thr = M.roc_curve([], [])
+        assert np.isnan(fpr).all() and np.isnan(tpr).all() and list(thr) == [np.inf]
