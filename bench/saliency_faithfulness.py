@@ -42,7 +42,7 @@ from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
 
-DATA = Path("/work/shared/data/ham10000")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"  # ../shared/data beside the project
 RANDOM_SEED = 123  # the re-initialised model; any seed other than the training one
 # Per-method settings for batched runs: chunks bound memory at batch x steps copies per pass.
 METHOD_KW = {"smoothgrad": {"chunk": 8}, "integrated_gradients": {"chunk": 8}}
