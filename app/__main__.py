@@ -15,7 +15,9 @@ external fonts or scripts.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,29 @@ def private_temp_dir() -> Path:
     if not os.environ.get("GRADIO_TEMP_DIR"):
         os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
     return folder
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, in one line, or None when it can. Checked
+    before the model loads, so a busy port is reported at once, not after the warm-up."""
+    if not 1 <= port <= 65535:
+        return f"--port {port} is not a port number (1-65535)"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"cannot listen on {host}: the address does not resolve ({e}); check --host"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds it
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use (another LesionLens, or another "
+                        f"program); pick a free one: make run PORT={port + 1}, or python -m app "
+                        f"--port {port + 1}")
+            return f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --host or --port"
+    return None
 
 
 def hash_password_command(argv) -> int:
@@ -110,6 +135,10 @@ def main(argv=None) -> int:
         auth = Authenticator.from_sources(pairs, hashes) if pairs or hashes else None
     except (ValueError, OSError) as e:   # a bad line, or a file that is not there
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     from model.errors import UserError

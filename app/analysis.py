@@ -115,8 +115,17 @@ def _strip_path(message: str, path) -> str:
 
 
 def classify_api(ctx: Services, path, user: str = "", note: str = ""):
-    """One file in -> ({class name: probability}, Grad-CAM overlay png). Stored in history."""
+    """One file in -> ({class name: probability}, overlay png of the top class, summary). Stored
+    in history. The summary: case_id (for /compare), malignant_probability,
+    above_sensitive_threshold (None when the checkpoint has no threshold), unusual (the image
+    does not look like a lesion: treat the probabilities as meaningless), ood_score, checkpoint_id."""
     if not path:
         raise UserError("no file received: send one image file (JPEG or PNG).")
     case, result, png = classify_path(ctx, path, user=user, note=note or "")
-    return {n: round(float(v), 6) for n, v in zip(ctx.predictor.class_names, result.probs)}, png
+    p = ctx.predictor
+    threshold = p.operating_threshold
+    summary = {"case_id": case.id, "malignant_probability": round(result.malignant, 6),
+               "above_sensitive_threshold": None if threshold is None else bool(result.malignant >= threshold),
+               "unusual": result.unusual, "ood_score": round(result.ood_score, 6),
+               "checkpoint_id": p.checkpoint_id}
+    return {n: round(float(v), 6) for n, v in zip(p.class_names, result.probs)}, png, summary

@@ -15,7 +15,7 @@ import numpy as np
 
 from model.errors import UserError
 
-from .analysis import classify_path
+from .analysis import classify_path, uncertainty_warnings
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
 from .services import Services, md_escape, overlay, sample_truth, write_png
 from .store import MAX_NOTE_CHARS, NotStored, check_note
@@ -107,6 +107,20 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     return "\n".join(lines)
 
 
+def unusual_markdown(case) -> str:
+    """The reply for an image that does not look like a lesion: that first, no diagnosis; the
+    table waits until the person asks for it (`analyse anyway`)."""
+    title = f"**Case #{case.id}**" + (f" · {md_escape(case.filename)}" if case.filename else "")
+    return "\n".join([
+        "⚠️ **This image does not look like the dermoscopy images the model was trained on** (it "
+        "may be a normal photo, not a single skin lesion, or badly lit or blurred), so I am not "
+        "showing a diagnosis: on an image like this the model's probabilities mean nothing.", "",
+        f"{title} is saved in your history.", "",
+        "If it really is a close-up of one skin lesion, type `analyse anyway` to see the model's "
+        "probabilities and heat map, and treat them with caution. Otherwise, drop a dermoscopy "
+        "image of one lesion.", "", CAVEAT])
+
+
 def image_message(path: str, alt: str) -> dict:
     return {"role": "assistant", "content": {"path": path, "alt_text": alt}}
 
@@ -185,6 +199,10 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
             yield history, state
             continue
         state = {"case_id": case.id}
+        if result.unusual:   # not a lesion, by the look of it: say so, hold the diagnosis back
+            history.append(text_message(unusual_markdown(case)))
+            yield history, state
+            continue
         history.append(text_message(report_markdown(
             ctx.predictor, case, result.warnings, clinical_line(ctx.predictor, result.clinical))))
         top = ctx.predictor.class_names[int(np.argmax(result.probs))]
@@ -215,6 +233,17 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
     name, prob = p.class_names[ci], case.predictions.get(p.classes[ci], 0.0)
     label = METHOD_LABELS.get(method, method)
     png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}", case.id)
+    if cmd.kind == "anyway":   # the full reply held back for an unusual image (or shown again)
+        probs = np.array([case.predictions.get(c, 0.0) for c in p.classes])
+        entropy = float(p.normalised_entropy(probs[None])[0])
+        warnings = uncertainty_warnings(probs, entropy, p.class_names, case.unusual)
+        same_model = case.checkpoint_id == p.checkpoint_id
+        if not same_model:
+            warnings.append(f"This case was analysed by another checkpoint (`{case.checkpoint_id}`); "
+                            "the heatmap is from the current one.")
+        clinical = clinical_line(p, parse_clinical(case.note)) if same_model else None
+        return [text_message(report_markdown(p, case, warnings, clinical)),
+                image_message(png, f"{label} overlay for {name}")]
     if cmd.kind == "why_not":
         top_name = p.class_names[p.classes.index(case.top_class)]
         if p.classes[ci] == case.top_class:

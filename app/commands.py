@@ -6,7 +6,8 @@
     -> Clinical(age=55.0, sex="male", site="back")
 
 Kinds: "help", "method" (show another saliency method), "explain" (overlay for one class),
-"why_not" (overlay + probability for a class the model did not pick), "unknown", "empty".
+"why_not" (overlay + probability for a class the model did not pick), "anyway" (the full result
+of an image held back as unusual), "unknown", "empty".
 Class names come from the predictor (codes and full names); the synonyms below only add the
 words people type ("mole", "melanoma", "basal cell") on top of them.
 """
@@ -59,6 +60,8 @@ SYNONYMS = {
 }
 
 HELP_WORDS = ("help", "commands", "what can you do", "?", "how")
+# "analyse anyway", "analyze it", "show the results": the table held back for an unusual image.
+ANYWAY = re.compile(r" (anyway|analy[sz]e|show (the |me the )?(table|results?|probabilities|diagnosis)) ")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def parse_command(text: str, classes, class_names) -> Command:
     if why_not and cls is not None:
         return Command("why_not", class_index=cls, text=raw)
     method = find_method(raw)
+    if cls is None and method is None and ANYWAY.search(norm):
+        return Command("anyway", text=raw)
     if cls is not None and (method is None or _has_phrase(norm, "explain")
                             or _has_phrase(norm, "for")):
         return Command("explain", method=method, class_index=cls, text=raw)
@@ -133,6 +138,8 @@ def help_text(classes, class_names) -> str:
         "`show grad-cam`: the same image explained by another saliency method\n"
         "- `explain melanoma` (or any class): where the model looks for that class\n"
         "- `why not nevus?`: that class's probability and its heatmap\n"
+        "- `analyse anyway`: the full result for an image I held back because it does not look "
+        "like a skin lesion\n"
         "- `help`: this list\n\n"
         "Drop one or more images (with an optional note: age, body site...) to start a new case.\n\n"
         f"Classes: {examples}."

@@ -33,7 +33,11 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
     {"case_id", "items": [(caption, heat)]}; re-blending at another opacity needs no model."""
     if not case_id:
         raise UserError("pick a case from the list, or upload a new image, first.")
-    case = ctx.store.get_case(int(case_id), user=user)
+    try:   # any case the user owns (the list is filled by the tab; API callers send the id)
+        case_id = int(case_id)
+    except (TypeError, ValueError):
+        raise UserError(f"{str(case_id)[:40]!r} is not a case number; pick a case from the list.") from None
+    case = ctx.store.get_case(case_id, user=user)
     if case is None:
         raise UserError(f"case #{case_id} no longer exists; pick another one.")
     p = ctx.predictor

@@ -196,13 +196,14 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
 
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
-                chatbot = gr.Chatbot(label="LesionLens", height=560, placeholder=PLACEHOLDER,
+                chatbot = gr.Chatbot(label="Conversation", height=560, placeholder=PLACEHOLDER,
                                      feedback_options=None, buttons=["copy"],
                                      elem_id="chatbot")
                 chat_input = gr.MultimodalTextbox(
                     file_count="multiple", file_types=["image"], sources=["upload"],
                     placeholder="Drop lesion images here, add a note… or type help",
-                    show_label=False, elem_id="chat-input", max_plain_text_length=2000)
+                    label="Message", show_label=False, elem_id="chat-input",
+                    max_plain_text_length=2000)
                 gr.Examples(_samples(), inputs=[chat_input], label="Held-out samples with known diagnoses (HAM10000, BCN_20000, ISIC 2017)",
                             cache_examples=False, examples_per_page=8)
                 clear = gr.Button("New conversation", size="sm", variant="secondary")
@@ -210,7 +211,10 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
             with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row():
                     with gr.Column(scale=1, min_width=280):
-                        case_dd = gr.Dropdown(label="Case", choices=[], interactive=True)
+                        # Filled when the tab opens; any id is accepted (an API caller's own
+                        # case): compare_compute checks it against the user's cases.
+                        case_dd = gr.Dropdown(label="Case", choices=[], interactive=True,
+                                              allow_custom_value=True)
                         # gr.File, not gr.Image: our loader reads the original bytes and
                         # explains what is wrong with a bad file; gr.Image would re-encode it.
                         upload = gr.File(label="…or upload a new image", file_types=["image"],
@@ -247,10 +251,11 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                     date_to = gr.DateTime(label="To (UTC)", include_time=False, type="string",
                                           scale=1, min_width=220)
                 with gr.Row():
-                    count = gr.Markdown()
+                    count = gr.Markdown(label="Number of cases")
                     search = gr.Button("Search", size="sm", scale=0, min_width=120)
                 table = gr.Dataframe(headers=hist.HISTORY_COLUMNS, interactive=False, wrap=True,
-                                     max_height=420, elem_id="history-table")
+                                     max_height=420, elem_id="history-table", label="Cases",
+                                     show_label=False)
                 with gr.Row():
                     with gr.Column(scale=1, min_width=180):
                         thumb = gr.Image(label="Selected case", height=160, interactive=False)
@@ -273,10 +278,13 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                 gr.Markdown(model_card_markdown(predictor))
 
         # Programmatic endpoint (gradio_client): invisible, callable as api_name="classify".
+        # Outputs: {class name: probability}, the overlay png, and the case summary
+        # (analysis.classify_api); the case id goes on to /compare.
         with gr.Row(visible=False):
             api_file = gr.File(type="filepath", label="image")
-            api_probs = gr.JSON(label="probabilities")
-            api_overlay = gr.Image(type="filepath", label="gradcam_overlay")
+            api_probs = gr.JSON(label="class probabilities")
+            api_overlay = gr.Image(type="filepath", label="saliency overlay for the top class")
+            api_summary = gr.JSON(label="case summary")
             api_go = gr.Button()
 
         # ---------------------------------------------------------------- wiring
@@ -288,7 +296,8 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         clear.click(lambda: ([], {}), None, [chatbot, chat_state], api_visibility="private",
                     **LIGHT)
 
-        api_go.click(classify, api_file, [api_probs, api_overlay], api_name="classify", **MODEL)
+        api_go.click(classify, api_file, [api_probs, api_overlay, api_summary], api_name="classify",
+                     **MODEL)
 
         compare_tab.select(refresh_case_list, [case_dd, chat_state], case_dd,
                            api_visibility="private", **LIGHT)

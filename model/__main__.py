@@ -8,7 +8,7 @@
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
     python -m model calibrate --checkpoint DIR --csv split.csv --split val [--external_eval CSV:test]
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
-    python -m model info      --checkpoint DIR   (the checkpoint's metadata as JSON)
+    python -m model info      --checkpoint DIR [--json]   (summary; --json: all metadata)
     python -m model card      --checkpoint DIR [--out FILE]   (the model card as Markdown)
 """
 import argparse
@@ -90,8 +90,104 @@ def cmd_fuse(args):
 
 
 def cmd_info(args):
+    """A readable summary of the checkpoint's metadata; `--json`: all of it (OOD statistics too)."""
     from .checkpoint import read_metadata
-    print(json.dumps(read_metadata(args.checkpoint), indent=2))
+    md = read_metadata(args.checkpoint)
+    if args.json:
+        print(json.dumps(md, indent=2))
+        return
+
+    def num(v, fmt=".3f"):
+        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+    def counts(c):
+        return ", ".join(f"{k} {v}" for k, v in c.items()) if isinstance(c, dict) else "–"
+
+    def headline(m):
+        ci = m.get("balanced_accuracy_ci")
+        ci = f" (95% CI {num(ci[0])}–{num(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else ""
+        line = (f"n {m.get('n', '–')}: balanced accuracy {num(m.get('balanced_accuracy'))}{ci}, "
+                f"macro AUC {num(m.get('macro_auc'))}, malignant AUC {num(m.get('malignant_auc'))}")
+        if m.get("accuracy") is not None:
+            line += f", accuracy {num(m['accuracy'])}"
+        if m.get("melanoma_sensitivity") is not None:
+            line += f", melanoma sensitivity {num(m['melanoma_sensitivity'])}"
+        if m.get("ece") is not None:
+            line += f", ECE {num(m['ece'])}"
+        point = m.get("operating_point") or {}
+        if point.get("malignant_sensitivity") is not None:
+            line += (f"; at the sensitive threshold: malignant sensitivity {num(point['malignant_sensitivity'])}, "
+                     f"specificity {num(point.get('malignant_specificity'))}")
+        elif m.get("melanoma_recall_sensitive") is not None:   # a benchmark row
+            line += (f"; at the sensitive threshold: melanoma recall {num(m['melanoma_recall_sensitive'])}, "
+                     f"specificity {num(m.get('specificity_sensitive'))}")
+        return line
+
+    norm = md.get("normalisation") or {}
+    cfg_arch = md.get("arch_config") or {}
+    classes = md.get("classes") or []
+    size = md.get("image_size", "?")
+    lines = [f"Checkpoint     {args.checkpoint}",
+             f"Architecture   {md.get('arch', '?')}" + (f" ({counts(cfg_arch)})" if cfg_arch else ""),
+             f"Task           {md.get('task', '?')}: {len(classes)} classes: {', '.join(classes)}",
+             f"Input          {size}x{size} px, resize {md.get('resize', 'squash')}; normalisation mean "
+             f"{norm.get('mean', '?')} std {norm.get('std', '?')}, colour constancy "
+             f"{'on' if norm.get('color_constancy') else 'off'}",
+             f"Temperature    {num(md.get('temperature'), '.4g')} (test-time augmentation "
+             f"{'on' if md.get('tta') else 'off'})"]
+    point = md.get("operating_point") or {}
+    lines.append("Sensitive threshold  " + (
+        f"malignant probability >= {num(point['threshold'])} (chosen for validation sensitivity "
+        f"{num(point.get('target_sensitivity'), '.0%')})" if point.get("threshold") is not None else "none (not calibrated)"))
+    ood = md.get("ood") or {}
+    if ood:
+        lines.append(f"Unusual-image gate   feature distance > {num(ood.get('threshold'))} or entropy > "
+                     f"{num(ood.get('entropy_threshold'))} (validation pass rate "
+                     f"{num(ood.get('validation_pass_rate'), '.1%')})")
+    lines.append(f"Clinical fusion      {'age, sex and body site' if md.get('clinical_fusion') else 'none (image only)'}")
+
+    data = (md.get("training") or {}).get("data") or {}
+    if data:
+        lines += ["", "Training data"]
+        sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+        for src in sources or [{"name": data.get("source"), **data}]:
+            lines.append(f"  {src.get('name') or src.get('spec') or '?'}"
+                         + (f" ({src['spec']})" if src.get("spec") and src.get("spec") != src.get("name") else "")
+                         + f": {src.get('train_images', '–')} training, {src.get('val_images', '–')} validation images")
+        if data.get("extra_train"):
+            lines.append(f"  extra training sources: {', '.join(map(str, data['extra_train']))}")
+        if data.get("train_class_counts"):
+            lines.append(f"  training classes:   {counts(data['train_class_counts'])}")
+        if data.get("val_class_counts"):
+            lines.append(f"  validation classes: {counts(data['val_class_counts'])}")
+        if data.get("dropped_duplicates"):
+            lines.append(f"  dropped {data['dropped_duplicates']} training images identical to held-out ones")
+
+    all_metrics = md.get("metrics") or {}
+    val = all_metrics.get("val")
+    if isinstance(val, dict):
+        epoch = all_metrics.get("epoch")
+        lines += ["", "Validation" + (f" (best epoch {epoch})" if epoch else ""), f"  {headline(val)}"]
+        for name, m in (all_metrics.get("val_sources") or {}).items():
+            if isinstance(m, dict):
+                lines.append(f"  {name}: {headline(m)}")
+    external = all_metrics.get("external") or {}
+    if external:
+        lines += ["", "Other sources (never trained on)"]
+        lines += [f"  {spec}: {headline(m)}" for spec, m in external.items() if isinstance(m, dict)]
+    bench = all_metrics.get("benchmark") or {}
+    rows = [r for r in bench.get("sets") or [] if isinstance(r, dict)] if isinstance(bench, dict) else []
+    if rows:
+        lines += ["", "Benchmark (python -m model benchmark --record)"]
+        lines += [f"  {r.get('name', '?')} ({r.get('spec', '?')}): {headline(r)}" for r in rows]
+    saliency = md.get("saliency") or {}
+    if saliency.get("default"):
+        lines += ["", f"Saliency default     {saliency['default']}"]
+
+    lines += ["", "Versions       " + (counts(md.get("versions")) if md.get("versions") else "–"),
+              f"Licence        {md.get('licence') or md.get('license') or '–'}",
+              "", f"All metadata as JSON: python -m model info --checkpoint {args.checkpoint} --json"]
+    print("\n".join(lines))
 
 
 def cmd_card(args):
@@ -178,8 +274,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="split file with a `split` column (train/val) and metadata")
     p.set_defaults(run=cmd_fuse)
 
-    p = sub.add_parser("info", help="print a checkpoint's metadata")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("info", help="a readable summary of a checkpoint's metadata (--json: all of it)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")
+    p.add_argument("--json", action="store_true",
+                   help="print the full metadata as JSON (long: it holds the unusual-image statistics)")
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("card", help="the model card (Markdown) from a checkpoint's metadata, as the app shows it")

@@ -6,6 +6,8 @@ evals / loop. Training interrupted at any point loses at most the current epoch 
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -216,23 +218,44 @@ def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes)
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     workdir = Path(cfg.workdir)
+    fresh = not workdir.exists()   # a run that fails on its data removes the workdir it made, never an older one
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        train, val, classes, summary, train_sources, val_sources = prepare_data(cfg, workdir)
+        if len(train.labels) == 0 or len(val.labels) == 0:
+            raise UserError(f"{', '.join(cfg.data)}: {len(train.labels)} training and {len(val.labels)} validation "
+                            f"images; need both. Add images or lower --val_frac.")
+        trained = [c for i, c in enumerate(classes) if (train.labels == i).any()]
+        if len(trained) < 2:
+            raise UserError(f"{', '.join(cfg.data)}: only {len(trained)} class ({', '.join(trained)}) has training "
+                            f"images; a classifier needs at least two. Is a class folder empty, or --task wrong?")
+        mesh = data_mesh()
+        n_dev = mesh.devices.size
+        batch = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
+        steps_per_epoch = len(train.labels) // batch
+        if cfg.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        if steps_per_epoch == 0:
+            raise UserError(f"{len(train.labels)} training images are fewer than one batch ({batch}); "
+                            "lower --batch_size.")
+    except BaseException:
+        if fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     (workdir / "config.json").write_text(cfg.to_json())
-    train, val, classes, summary, train_sources, val_sources = prepare_data(cfg, workdir)
-    if len(train.labels) == 0 or len(val.labels) == 0:
-        raise UserError(f"{', '.join(cfg.data)}: {len(train.labels)} training and {len(val.labels)} validation images; "
-                        f"need both. Add images or lower --val_frac.")
+    # Too little validation data to select or calibrate on: say so before any time is spent.
+    untrained = [c for c in classes if c not in trained]
+    thin = [c for i, c in enumerate(classes) if (val.labels == i).sum() < 2]
+    if len(val.labels) < 20 or thin or untrained:
+        print("WARNING: " + "; ".join(filter(None, [
+            f"only {len(val.labels)} validation images (fewer than 20)" if len(val.labels) < 20 else "",
+            f"fewer than 2 validation images of {', '.join(thin)}" if thin else "",
+            f"no training images of {', '.join(untrained)} (the model cannot learn them)" if untrained else ""]))
+              + ". Validation metrics, the best-epoch choice and the calibration will mean little; add images "
+                "or raise --val_frac.", flush=True)
     num_classes = len(classes)
     metadata = model_metadata(cfg, classes, summary)
 
-    mesh = data_mesh()
-    n_dev = mesh.devices.size
-    batch = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
-    steps_per_epoch = len(train.labels) // batch
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train.labels)} training images are fewer than one batch ({batch}); lower --batch_size.")
     total_steps = steps_per_epoch * cfg.epochs
 
     model = build_model(cfg, num_classes)
@@ -319,7 +342,35 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         print(json.dumps(row), flush=True)
         report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
-    return finalize(cfg, workdir, train, val, classes)
+    result = finalize(cfg, workdir, train, val, classes)
+    print(run_summary(cfg, workdir, progress, result, len(val.labels)), flush=True)
+    return result
+
+
+def run_summary(cfg: TrainConfig, workdir: Path, progress: dict, result: dict, n_val: int) -> str:
+    """What came out of a run, and the commands to run next (paths quoted: they are for pasting)."""
+    best = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), {})
+    val_m, point = result["val"], result["val"].get("operating_point") or {}
+
+    def f3(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+    q = lambda path: shlex.quote(str(path))  # noqa: E731
+    checks = " ".join(map(q, cfg.external_eval)) or q(f"{workdir / 'split.csv'}:val")
+    return "\n".join([
+        f"Done. Best checkpoint: {workdir / 'best'} (epoch {progress['best_epoch']} of {cfg.epochs}).",
+        f"  validation ({n_val} images) at that epoch: balanced accuracy "
+        f"{f3(best.get('val_balanced_accuracy'))}, macro AUC {f3(best.get('val_macro_auc'))}, accuracy "
+        f"{f3(best.get('val_accuracy'))}; calibrated: malignant AUC {f3(val_m.get('malignant_auc'))}, "
+        f"ECE {f3(result.get('ece_after'))}"
+        + (f"; at the sensitive threshold {f3(point['threshold'])}: malignant sensitivity "
+           f"{f3(point.get('malignant_sensitivity'))}, specificity {f3(point.get('malignant_specificity'))}"
+           if point.get("threshold") is not None else ""),
+        f"  files: {workdir / 'results.json'}, {workdir / 'log.jsonl'}, {workdir / 'learning_curves.png'}",
+        "Next:",
+        f"  python -m model evaluate --checkpoint {q(workdir)} --csv {q(workdir / 'split.csv')} --split val "
+        f"--out {q(workdir / 'eval')}",
+        f"  python -m model benchmark --checkpoint {q(workdir)} --out {q(workdir / 'benchmark')} {checks}",
+        f"  python -m app --checkpoint {q(workdir)}"])
 
 
 def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:

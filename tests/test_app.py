@@ -263,11 +263,51 @@ def test_warning_comes_first_when_unsure_or_unusual(ctx, monkeypatch):
     p = ctx.predictor
     monkeypatch.setitem(p.metadata, "ood", {"class_means": [[0.0] * 16] * 7,
                                             "variance": [1.0] * 16, "threshold": -1.0})
-    history, _ = _chat(ctx, "", [SAMPLE])
-    (reply,) = _assistant_texts(history)
+    history, state = _chat(ctx, "", [SAMPLE])
+    history, _ = _chat(ctx, "analyse anyway", history=history, state=state)
+    reply = _assistant_texts(history)[-1]
     assert reply.startswith("⚠️ **This image does not look like")
     # random weights give near-uniform probabilities: the unsure warning is there too
     assert "The model is unsure" in reply.split("**Case #")[0]
+
+
+def _gate_between(p, lesion: Path, other: Path) -> dict:
+    """An unusual-image gate (metadata["ood"], as model/calibration.py writes it) centred on
+    `lesion`'s features, its threshold halfway to `other`'s: `other` is unusual, `lesion` not."""
+    _, pooled = p.forward_arrays(p.prepare([Image.open(lesion), Image.open(other)]))
+    far = float(((pooled[1] - pooled[0]) ** 2).mean())
+    assert far > 0
+    return {"class_means": [pooled[0].tolist()] * len(p.classes),
+            "variance": [1.0] * pooled.shape[1], "threshold": far / 2}
+
+
+def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path, monkeypatch):
+    p = ctx.predictor
+    sky = tmp_path / "sky.png"
+    Image.new("RGB", (320, 240), (110, 160, 230)).save(sky)       # flat blue: no lesion at all
+    monkeypatch.setitem(p.metadata, "ood", _gate_between(p, SAMPLE, sky))
+
+    history, _ = _chat(ctx, "", [SAMPLE])                          # a lesion: the full reply
+    assert "| 1 |" in _assistant_texts(history)[0] and len(_assistant_images(history)) == 1
+
+    history, state = _chat(ctx, "holiday photo", [sky])
+    (reply,) = _assistant_texts(history)
+    assert reply.startswith("⚠️ **This image does not look like the dermoscopy images")
+    assert "not showing a diagnosis" in reply and "`analyse anyway`" in reply
+    assert "| 1 |" not in reply and "Malignant vs benign" not in reply
+    assert not any(name in reply for name in p.class_names)      # no diagnosis named at all
+    assert _assistant_images(history) == []                       # nor a heat map "for" one
+    case = ctx.store.get_case(state["case_id"])                   # the case is still stored
+    assert case.unusual and case.filename == "sky.png" and case.note == "holiday photo"
+    assert f"**Case #{case.id}**" in reply and ctx.store.count() == 2
+
+    history, state = _chat(ctx, "analyse anyway", history=history, state=state)
+    shown = _assistant_texts(history)[-1]
+    assert shown.startswith("⚠️ **This image does not look like")   # the warning still leads
+    assert "| 1 |" in shown and "Malignant vs benign" in shown
+    top = p.class_names[p.classes.index(case.top_class)]
+    assert top in shown and len(_assistant_images(history)) == 1
+    assert ctx.store.count() == 2                                 # the follow-up added nothing
 
 
 def test_bad_inputs_get_clear_replies_and_nothing_is_stored(ctx, tmp_path):
@@ -342,11 +382,14 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     from app import history as hist
     from app.analysis import classify_api
     from model.errors import UserError
-    probs, png = classify_api(ctx, str(SAMPLE2), user="ana")
+    probs, png, summary = classify_api(ctx, str(SAMPLE2), user="ana")
     assert set(probs) == set(ctx.predictor.class_names)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
     Image.open(png).verify()
     (case,) = ctx.store.list_cases(user="ana")
+    assert summary == {"case_id": case.id, "malignant_probability": pytest.approx(case.malignant_probability, abs=1e-6),
+                       "above_sensitive_threshold": None,   # the tiny checkpoint has no threshold
+                       "unusual": False, "ood_score": 0.0, "checkpoint_id": ctx.predictor.checkpoint_id}
 
     state = compare.compare_compute(ctx, case.id, "methods", ["gradcam", "gradients"], [], "ana")
     gallery, (raw, over), files = compare.compare_render(ctx, state, 0.3, None, "ana")
@@ -371,6 +414,16 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     zpath = hist.export_history(ctx, "zip", ctx.store.list_cases(user="ana"))
     assert Path(zpath).stat().st_size > 1000
     assert ctx.store.delete_case(case.id, user="ana") and not case.image_path.exists()
+
+
+def test_classify_api_says_which_side_of_the_sensitive_threshold(ctx, monkeypatch):
+    from app.analysis import classify_api
+    _, _, summary = classify_api(ctx, str(SAMPLE))
+    malignant = summary["malignant_probability"]
+    for threshold, above in ((malignant / 2, True), (min(1.0, malignant * 2 + 0.01), False)):
+        monkeypatch.setitem(ctx.predictor.metadata, "operating_point", {"threshold": threshold})
+        _, _, summary = classify_api(ctx, str(SAMPLE))
+        assert summary["above_sensitive_threshold"] is above
 
 
 def test_open_case_in_chat_and_model_card(ctx):
@@ -625,6 +678,24 @@ def test_missing_or_broken_checkpoint_exits_2(tmp_path):
         assert str(ckpt) in r.stderr
 
 
+def test_busy_port_exits_2_at_once_naming_the_port(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "JAX_PLATFORMS": "cpu"}
+    with socket.socket() as held:          # another program already listening on the port
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "app", "--checkpoint", str(tiny_checkpoint),
+                            "--db", str(tmp_path / "h" / "cases.db"), "--host", "127.0.0.1",
+                            "--port", str(port)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.splitlines()        # one line, no traceback
+    assert line.startswith("error: ") and f"port {port} on 127.0.0.1 is already in use" in line
+    assert "make run PORT=" in line and "python -m app --port" in line
+    # Checked before the model loads: nothing was compiled, no database was made.
+    assert "Compiling" not in r.stdout and not (tmp_path / "h").exists()
+
+
 def _client(app, auth):
     from gradio_client import Client
     return Client(app.url, auth=auth, verbose=False,
@@ -639,7 +710,7 @@ def test_app_end_to_end_with_auth_and_restart(tiny_checkpoint, tmp_path):
     app = AppProcess(tiny_checkpoint, db, "--auth", auth, "--no-warmup").wait_ready()
     try:
         ana = _client(app, ("ana", "pw-ana"))
-        probs, overlay = ana.predict(handle_file(str(SAMPLE)), api_name="/classify")
+        probs, overlay, _ = ana.predict(handle_file(str(SAMPLE)), api_name="/classify")
         assert set(probs) == {"Melanoma", "Melanocytic nevus", "Basal cell carcinoma",
                               "Benign keratosis-like lesion", "Dermatofibroma",
                               "Vascular lesion",
@@ -684,6 +755,51 @@ def test_app_end_to_end_with_auth_and_restart(tiny_checkpoint, tmp_path):
     assert store.count() == 3 and store.check() == []
 
 
+@pytest.mark.slow
+def test_api_classify_summary_and_compare_from_gradio_client(tiny_checkpoint, tmp_path):
+    from gradio_client import handle_file
+    app = AppProcess(tiny_checkpoint, tmp_path / "history" / "cases.db", "--auth",
+                     "ana:pw-ana,bo:pw-bo", "--no-warmup").wait_ready()
+    try:
+        ana = _client(app, ("ana", "pw-ana"))
+        # Every output of every endpoint is named (not value_12).
+        api = ana.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        names = {ep: [r["label"] for r in info["returns"]] for ep, info in api.items()}
+        assert all(label and not re.fullmatch(r"value_\d+", label)
+                   for labels in names.values() for label in labels), names
+        assert names["/classify"] == ["class probabilities", "saliency overlay for the top class",
+                                      "case summary"]
+
+        probs, overlay, summary = ana.predict(handle_file(str(SAMPLE)), api_name="/classify")
+        assert len(probs) == 7 and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)  # as before
+        assert Image.open(overlay).size == (384, 288)
+        assert set(summary) == {"case_id", "malignant_probability", "above_sensitive_threshold",
+                                "unusual", "ood_score", "checkpoint_id"}
+        assert summary["above_sensitive_threshold"] is None and summary["unusual"] is False
+        assert summary["checkpoint_id"].startswith("tiny@")
+        malignant = sum(v for k, v in probs.items()
+                        if k in ("Melanoma", "Basal cell carcinoma") or k.startswith("Actinic"))
+        assert summary["malignant_probability"] == pytest.approx(malignant, abs=1e-5)
+
+        # /compare straight from the client: no browser ever opened the Compare tab.
+        gallery, (raw, over), files, _ = ana.predict(summary["case_id"], "methods",
+                                                     ["gradcam", "gradients"], [], 0.5,
+                                                     api_name="/compare")
+        assert [g["caption"].split(" · ")[0] for g in gallery] == ["Grad-CAM", "Input gradients"]
+        assert Image.open(raw).size == Image.open(over).size and len(files) == 3
+        gallery, *_ = ana.predict(str(summary["case_id"]), "classes", ["gradcam"], ["mel", "nv"],
+                                  0.5, api_name="/compare")
+        assert len(gallery) == 2
+
+        bo = _client(app, ("bo", "pw-bo"))                      # not bo's case: refused
+        with pytest.raises(Exception, match=f"case #{summary['case_id']} no longer exists"):
+            bo.predict(summary["case_id"], "methods", ["gradcam"], [], 0.5, api_name="/compare")
+        with pytest.raises(Exception, match="not a case number"):
+            ana.predict("latest", "methods", ["gradcam"], [], 0.5, api_name="/compare")
+    finally:
+        app.stop()
+
+
 def test_parse_follow_up_commands():
     from app.commands import parse_command
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -698,6 +814,8 @@ def test_parse_follow_up_commands():
         "gradients": ("method", "gradients", None),
         "explain melanoma": ("explain", None, 4),
         "why not nevus?": ("why_not", None, 5),
+        "analyse anyway": ("anyway", None, None), "Analyze it anyway!": ("anyway", None, None),
+        "show the results": ("anyway", None, None),
         "Why isn't it a BCC": ("why_not", None, 1),
         "show IG for mel": ("explain", "integrated_gradients", 4),
         "explain basal cell carcinoma": ("explain", None, 1),

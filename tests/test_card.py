@@ -168,3 +168,40 @@ def test_card_command_writes_the_same_markdown(tmp_path, capsys):
     assert main(["card", "--checkpoint", str(DEFAULT)]) == 0
     assert card[card.index("### Classes"):] in capsys.readouterr().out
     assert main(["card", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_info_prints_a_short_summary_and_the_full_json_on_request(which, tmp_path, capsys):
+    import json
+
+    from model.__main__ import main
+    from model.checkpoint import read_metadata
+    if which == "tiny":
+        from test_app import make_tiny_checkpoint
+        path = make_tiny_checkpoint(tmp_path / "tiny")
+    elif not (DEFAULT / "best").exists():
+        pytest.skip("checkpoints/default is not bundled in this checkout")
+    else:
+        path = DEFAULT
+    metadata = read_metadata(path)
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    summary = capsys.readouterr().out
+    assert len(summary.splitlines()) < 100
+    assert "class_means" not in summary and "[[" not in summary   # no statistics arrays
+    assert metadata["arch"] in summary and ", ".join(metadata["classes"]) in summary
+    size = metadata["image_size"]
+    assert f"{size}x{size} px, resize {metadata['resize']}" in summary
+    assert "Temperature" in summary and metadata["licence"] in summary and "--json" in summary
+    if which == "default":   # the real checkpoint: its headline numbers, read from its metadata
+        val = metadata["metrics"]["val"]
+        assert f"balanced accuracy {val['balanced_accuracy']:.3f}" in summary
+        assert f">= {metadata['operating_point']['threshold']:.3f}" in summary
+        assert "Unusual-image gate" in summary and "jax " in summary
+        for spec, m in (metadata["metrics"].get("external") or {}).items():
+            assert f"{spec}: n {m['n']}: balanced accuracy {m['balanced_accuracy']:.3f}" in summary
+        assert f"{metadata['training']['data']['train_images']} training" in summary
+    else:
+        assert "none (not calibrated)" in summary and "random weights for tests" in summary
+    assert main(["info", "--checkpoint", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == metadata

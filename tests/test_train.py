@@ -438,3 +438,51 @@ def test_mixup_blends_whole_images_and_both_together_take_turns():
     assert np.isfinite(float(loss))  # the jitted step compiles with both on
     same = mix_batch(jax.random.key(0), x, targets, weights)
     assert all(a is b for a, b in zip(same, (x, targets, weights)))  # both off: untouched
+
+
+def test_run_warns_on_a_tiny_validation_split_and_ends_with_a_summary(synthetic_data_shared, tmp_path, capsys):
+    import shlex
+
+    from model.__main__ import main
+    workdir = tmp_path / "my run"       # a space: the printed commands quote their paths
+    train_and_evaluate(smoke_config(synthetic_data_shared.ham_dir, workdir))
+    out = capsys.readouterr().out
+    # The warning comes before the first epoch: 28 images, one lesion per class held out.
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING: "))
+    assert out.index(warning) < out.index('{"epoch": 1')
+    n_val = checkpoint.read_metadata(workdir)["training"]["data"]["val_images"]
+    assert f"only {n_val} validation images (fewer than 20)" in warning and "will mean little" in warning
+    # The end: where the best checkpoint is, its epoch's validation numbers, what to run next.
+    rows = [json.loads(line) for line in (workdir / "log.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_selection_score"])
+    summary = out[out.index("Done. Best checkpoint: "):].splitlines()
+    assert summary[0] == f"Done. Best checkpoint: {workdir / 'best'} (epoch {best['epoch']} of 2)."
+    assert f"balanced accuracy {best['val_balanced_accuracy']:.3f}" in summary[1]
+    assert f"macro AUC {best['val_macro_auc']:.3f}" in summary[1] and "ECE" in summary[1]
+    commands = [line.strip() for line in summary if line.startswith("  python -m ")]
+    assert [c.split()[2:4] for c in commands] == [["model", "evaluate"], ["model", "benchmark"], ["app", "--checkpoint"]]
+    for command in commands[:2]:    # the suggested commands work as printed
+        assert main(shlex.split(command)[3:]) == 0, command
+    assert (workdir / "eval" / "metrics.json").is_file() and (workdir / "benchmark" / "benchmark.json").is_file()
+
+
+def test_one_class_data_or_a_failed_start_leaves_no_workdir(synthetic_data, tmp_path):
+    for image in (synthetic_data.folders / "Cancer").iterdir():   # an empty class folder
+        image.unlink()
+    workdir = tmp_path / "one_class"
+    with pytest.raises(UserError, match=r"only 1 class \(benign\) has training images"):
+        train_and_evaluate(smoke_config(synthetic_data.folders, workdir, task="binary"))
+    assert not workdir.exists()
+    # Data that is not there, a batch larger than the data: nothing left behind either.
+    with pytest.raises(UserError):
+        train_and_evaluate(smoke_config(tmp_path / "no_such_data", tmp_path / "missing"))
+    with pytest.raises(UserError, match="fewer than one batch"):
+        train_and_evaluate(smoke_config(synthetic_data.ham_dir, tmp_path / "big_batch", batch_size=512))
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "big_batch").exists()
+    # A workdir that was there before (another run's) is never removed, and gets no config.json.
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError):
+        train_and_evaluate(smoke_config(synthetic_data.folders, older, task="binary"))
+    assert (older / "notes.txt").read_text() == "keep me" and not (older / "config.json").exists()
