@@ -119,6 +119,12 @@ def centred_gaussian(size: int, area_fraction: float) -> np.ndarray:
     return (g / g.max()).astype(np.float32)
 
 
+def centred_gaussian_sigma(size: int, sigma_frac: float = 0.15) -> np.ndarray:
+    """Centred isotropic Gaussian with sigma = `sigma_frac` of the side (issue 15's fixed baseline)."""
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    return np.exp(-(yy ** 2 + xx ** 2) / (2 * (sigma_frac * size) ** 2)).astype(np.float32)
+
+
 def summarise(values) -> dict:
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
@@ -214,13 +220,16 @@ def run(args) -> dict:
         "centred Gaussian": {"energy_in_mask": summarise(energy_in_mask(gauss, masks)),
                              "pointing": summarise(pointing_game(gauss, masks))},
     }
+    gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), masks.shape)
+    rows["centred Gaussian (sigma 0.15)"] = {"energy_in_mask": summarise(energy_in_mask(gauss15, masks)),
+                                             "pointing": summarise(pointing_game(gauss15, masks))}
     random_model = None
     if not args.no_randomisation:
         md = p.metadata
         random_model = build(md["arch"], len(md["classes"]), seed=RANDOM_SEED, **md.get("arch_config", {}))
         random_model.eval()
 
-    maps_by_name = {"centred Gaussian": np.asarray(gauss)}
+    maps_by_name = {"centred Gaussian": np.asarray(gauss), "centred Gaussian (sigma 0.15)": np.asarray(gauss15)}
     for method in args.methods:
         maps, sec = explain_all(p.model, x, ci, method, args.batch)
         maps_by_name[method] = maps
