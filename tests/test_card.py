@@ -200,7 +200,9 @@ def test_info_prints_a_short_summary_and_the_full_json_on_request(which, tmp_pat
         assert "Unusual-image gate" in summary and "jax " in summary
         for spec, m in (metadata["metrics"].get("external") or {}).items():
             assert f"{spec}: n {m['n']}: balanced accuracy {m['balanced_accuracy']:.3f}" in summary
-        assert f"{metadata['training']['data']['train_images']} training" in summary
+        data = metadata["training"]["data"]
+        for source in data.get("sources") or [{"train_images": data["train_images"]}]:
+            assert f"{source['train_images']} training" in summary
     else:
         assert "none (not calibrated)" in summary and "random weights for tests" in summary
     assert main(["info", "--checkpoint", str(path), "--json"]) == 0
