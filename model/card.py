@@ -298,8 +298,9 @@ def _saliency_lines(metadata: dict) -> list[str]:
                 "The overlay shows Grad-CAM on the last feature map; no method was chosen for this checkpoint "
                 "by the faithfulness benchmark (`bench/saliency_faithfulness.py --record`)."]
     lines = ["", "### Explanations", "",
-             f"The overlay shows **{chosen['default']}**, chosen by a rule written before the measurements "
-             f"({chosen.get('reason', '')}); every other method stays available in the chat and the Compare tab. "
+             f"The overlay shows **{chosen['default']}**, by a rule written before the measurements "
+             f"(docs/RESULTS.md): {chosen.get('reason', '')}. Every other method stays available in the chat and "
+             "the Compare tab. "
              f"Scores on {chosen.get('n_images', '?')} HAM10000 validation images with lesion masks "
              f"(deletion / insertion on {chosen.get('n_faithfulness', '?')}):", "",
              "| map | energy in mask | pointing game | rank corr. with random weights | deletion AUC | insertion AUC |",
