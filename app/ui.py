@@ -36,6 +36,25 @@ LIGHT = dict(concurrency_limit=None)                        # store-only: never 
 
 CSS = """
 .ll-banner {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217,119,6,.08);}
+/* Chat: the chatbot's label sits above the messages instead of floating over the first lines. */
+#chatbot label[data-testid="block-label"] {position: static; margin: 0 0 4px 0;}
+/* History: date pickers fit their column (the calendar button was pushed out and clipped), and
+   neither they nor the class dropdown are cut off by their containers. */
+.ll-date .timebox {display: flex; width: 100%;}
+.ll-date .timebox input {flex: 1 1 auto; min-width: 0; width: auto;}
+.ll-date .timebox button {flex: 0 0 auto;}
+.ll-filters, .ll-filters > .form, .ll-date, .ll-filters .block {overflow: visible !important;}
+/* Compare: the case label is long; show it whole where there is room, smaller on a phone. */
+@media (max-width: 640px) {
+  #case-dd input {font-size: 13px;}
+  #compare-gallery .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important;}
+}
+/* Model card: wide tables scroll sideways instead of squeezing a column to one letter a line. */
+.ll-model table {display: block; overflow-x: auto; max-width: 100%;}
+.ll-model th, .ll-model td {min-width: 5.5em; word-break: normal; overflow-wrap: normal;}
+.ll-model td code {white-space: nowrap;}
+.ll-model td:nth-child(n+5) {min-width: 12em;}   /* per-class counts: a few lines, not ten */
+#case-dd input {text-overflow: ellipsis;}
 """
 
 INTRO = ("# LesionLens\n"
@@ -209,16 +228,20 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                 clear = gr.Button("New conversation", size="sm", variant="secondary")
 
             with gr.Tab("Compare", id="compare") as compare_tab:
+                # The case label ("#12 · date · class · file name") is long: a full-width
+                # row, so it is not cut off in a narrow side column.
+                with gr.Row(equal_height=True):
+                    # Filled when the tab opens; any id is accepted (an API caller's own
+                    # case): compare_compute checks it against the user's cases.
+                    case_dd = gr.Dropdown(label="Case", choices=[], interactive=True,
+                                          allow_custom_value=True, scale=3, min_width=300,
+                                          elem_id="case-dd")
+                    # gr.File, not gr.Image: our loader reads the original bytes and
+                    # explains what is wrong with a bad file; gr.Image would re-encode it.
+                    upload = gr.File(label="…or upload a new image", file_types=["image"],
+                                     type="filepath", height=120, scale=1, min_width=200)
                 with gr.Row():
                     with gr.Column(scale=1, min_width=280):
-                        # Filled when the tab opens; any id is accepted (an API caller's own
-                        # case): compare_compute checks it against the user's cases.
-                        case_dd = gr.Dropdown(label="Case", choices=[], interactive=True,
-                                              allow_custom_value=True)
-                        # gr.File, not gr.Image: our loader reads the original bytes and
-                        # explains what is wrong with a bad file; gr.Image would re-encode it.
-                        upload = gr.File(label="…or upload a new image", file_types=["image"],
-                                         type="filepath", height=120)
                         mode = gr.Radio([("Several methods", "methods"),
                                          ("Several classes", "classes")], value="methods",
                                         label="Compare")
@@ -241,21 +264,26 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                                             file_count="multiple", interactive=False)
 
             with gr.Tab("History", id="history") as history_tab:
-                with gr.Row():
-                    query = gr.Textbox(label="Search note or file name", scale=2,
+                with gr.Row(elem_classes=["ll-filters"]):
+                    query = gr.Textbox(label="Search note or file name", scale=2, min_width=280,
                                        placeholder="e.g. shoulder, or part of a file name")
                     cls = gr.Dropdown([("All classes", "")] + [(n, c) for c, n in names.items()],
                                       value="", label="Predicted class", scale=1)
                     date_from = gr.DateTime(label="From (UTC)", include_time=False,
-                                            type="string", scale=1, min_width=220)
+                                            type="string", scale=1, min_width=220,
+                                            elem_classes=["ll-date"])
                     date_to = gr.DateTime(label="To (UTC)", include_time=False, type="string",
-                                          scale=1, min_width=220)
+                                          scale=1, min_width=220, elem_classes=["ll-date"])
                 with gr.Row():
                     count = gr.Markdown(label="Number of cases")
                     search = gr.Button("Search", size="sm", scale=0, min_width=120)
                 table = gr.Dataframe(headers=hist.HISTORY_COLUMNS, interactive=False, wrap=True,
                                      max_height=420, elem_id="history-table", label="Cases",
-                                     show_label=False)
+                                     show_label=False,
+                                     # prediction wraps; probability, malignant and flag stay on
+                                     # screen at 1280 px (a phone scrolls the table sideways)
+                                     column_widths=["5%", "13%", "17%", "19%", "17%", "10%",
+                                                    "9%", "10%"])
                 with gr.Row():
                     with gr.Column(scale=1, min_width=180):
                         thumb = gr.Image(label="Selected case", height=160, interactive=False)
@@ -275,7 +303,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                 export_file = gr.File(label="Export", interactive=False, visible=False)
 
             with gr.Tab("Model", id="model"):
-                gr.Markdown(model_card_markdown(predictor))
+                gr.Markdown(model_card_markdown(predictor), elem_classes=["ll-model"])
 
         # Programmatic endpoint (gradio_client): invisible, callable as api_name="classify".
         # Outputs: {class name: probability}, the overlay png, and the case summary

@@ -3,7 +3,9 @@
     .venv/bin/python -m pytest tests/test_browser.py -q      # screenshots land in screenshots/
 
 Uploads a sample in the Chat tab and waits for the reply with its overlay image, runs a
-comparison in the Compare tab, finds the case in the History tab, and reads the model card.
+comparison in the Compare tab, finds the case in the History tab, and reads the model card;
+then clicks a sample card and sends it (the reply names the sample's known diagnosis), and drops
+a picture that is not a lesion (the reply leads with that and holds the diagnosis back).
 Skips (with the reason) when Playwright or /usr/bin/chromium is missing; never downloads a
 browser. The page must not request anything outside the machine.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import SAMPLE, AppProcess, make_tiny_checkpoint
+from test_app import SAMPLE, AppProcess, _gate_between, make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "screenshots"
@@ -29,10 +31,24 @@ if not Path(CHROMIUM).exists():
                 allow_module_level=True)
 
 
+def _flat_image(path: Path) -> Path:
+    from PIL import Image
+    Image.new("RGB", (320, 240), (110, 160, 230)).save(path)   # flat blue: no lesion at all
+    return path
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    from model import checkpoint
+    from model.predictor import Predictor
+
     root = tmp_path_factory.mktemp("browser")
     ckpt = make_tiny_checkpoint(root / "ckpt")
+    # An unusual-image gate (as calibration writes it) centred on the sample's features, its
+    # threshold halfway to a flat picture's: the sample is a lesion, the flat picture is not.
+    p = Predictor.load(ckpt)
+    checkpoint.update_metadata(ckpt, {**p.metadata,
+                                      "ood": _gate_between(p, SAMPLE, _flat_image(root / "f.png"))})
     proc = AppProcess(ckpt, root / "history" / "cases.db").wait_ready()
     yield proc
     proc.stop()
@@ -94,3 +110,74 @@ def test_chat_compare_history_model_in_chromium(app):
             browser.close()
     assert outside == [], f"the page reached outside the machine: {outside}"
     assert (SHOTS / "chat.png").stat().st_size > 10_000
+
+
+def _page(browser, app):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(90_000)
+    page.goto(app.url)
+    return page
+
+
+@pytest.mark.slow
+def test_sample_card_gives_a_reply_with_the_known_diagnosis(app):
+    """A sample card fills the message box (image and note); sending it gets the full reply,
+    with the sample's true diagnosis beside the model's answer."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = _page(browser, app)
+            page.locator("button.gallery-item").filter(has_text="60 y, chest").first.click()
+            box = page.locator("#chat-input textarea")
+            sync_api.expect(box).to_have_value("60 y, chest")
+            sync_api.expect(page.locator("#chat-input").get_by_role("listitem", name="File thumbnail")
+                            ).to_have_count(1)                     # the image came with it
+            if page.locator("#chatbot [data-testid='user']").count() == 0:   # filled, not sent
+                page.wait_for_timeout(500)
+                box.press("Enter")
+            bot = page.locator("#chatbot [data-testid='bot']")
+            reply = bot.filter(has_text="known diagnosis").first
+            reply.wait_for()
+            text = reply.inner_text()
+            assert "Bundled sample with a known diagnosis: Melanoma" in text, text
+            assert "Malignant vs benign" in text
+            page.locator("#chatbot [data-testid='bot'] img").first.wait_for()
+            sync_api.expect(box).to_be_enabled()
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_non_lesion_image_leads_with_the_warning_and_holds_the_table_back(app, tmp_path):
+    flat = _flat_image(tmp_path / "holiday.png")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = _page(browser, app)
+            page.locator("#chat-input input[type=file]").set_input_files(str(flat))
+            page.locator("#chat-input textarea").fill("holiday photo")
+            page.wait_for_timeout(500)
+            page.locator("#chat-input textarea").press("Enter")
+            bot = page.locator("#chatbot [data-testid='bot']")
+            bot.filter(has_text="does not look like").first.wait_for()
+            sync_api.expect(page.locator("#chat-input textarea")).to_be_enabled()
+            page.wait_for_timeout(500)
+            texts = [t.strip() for t in bot.all_inner_texts()]
+            assert len(texts) == 1, texts
+            reply = texts[0]
+            assert reply.startswith("⚠️ This image does not look like the dermoscopy images"), reply
+            assert "not showing a diagnosis" in reply and "analyse anyway" in reply
+            assert "holiday.png" in reply
+            assert "Malignant vs benign" not in reply and "Melanoma" not in reply
+            assert page.locator("#chatbot [data-testid='bot'] table").count() == 0
+            assert page.locator("#chatbot [data-testid='bot'] img").count() == 0   # no heat map
+            # asked for, the table comes, still behind the warning
+            page.locator("#chat-input textarea").fill("analyse anyway")
+            page.locator("#chat-input textarea").press("Enter")
+            bot.filter(has_text="Malignant vs benign").first.wait_for()
+            shown = bot.filter(has_text="Malignant vs benign").first.inner_text().strip()
+            assert shown.startswith("⚠️ This image does not look like"), shown
+            sync_api.expect(page.locator("#chatbot [data-testid='bot'] table").first).to_be_visible()
+            page.screenshot(path=str(SHOTS / "chat-unusual.png"), full_page=True)
+        finally:
+            browser.close()
