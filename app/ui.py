@@ -61,7 +61,8 @@ INTRO = ("# LesionLens\n"
          "Drop a dermoscopy image of one skin lesion: the model ranks seven diagnoses and shows "
          "where it looked. Images and results stay on this machine.")
 BANNER = ("**Research tool, not a medical device.** It supports, and never replaces, a clinician. "
-          "Trained on HAM10000 (CC BY-NC-SA 4.0): non-commercial use only.")
+          "Trained on public dermoscopy sets under non-commercial licences (see the Model tab): "
+          "non-commercial use only.")
 PLACEHOLDER = ("**Drop one or more lesion images** below (optionally with a note such as "
                "*“54 y, left shoulder, growing”*).\n\nThen ask `show integrated gradients`, "
                "`explain melanoma`, `why not nevus?` or `help`.")
