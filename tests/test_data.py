@@ -257,7 +257,7 @@ def test_metadata_csv_missing_values(tmp_path, write_image):
         "HAM_1,ISIC_1,mel,55.0,male,back\n"
         ",ISIC_2,NV,,unknown,unknown\n"
         "nan,ISIC_3.png,bkl,nan,Female,\n"
-        "HAM_4,ISIC_4,scc,abc,female,face\n"
+        "HAM_4,ISIC_4,mystery,abc,female,face\n"
         "HAM_5,ISIC_gone,nv,40,male,back\n"
         "HAM_6,ISIC_1,mel,55,male,back\n"
     )
@@ -272,11 +272,11 @@ def test_metadata_csv_missing_values(tmp_path, write_image):
     notes = "\n".join(ds.notes)
     assert "1 rows have no image file" in notes and "ISIC_gone" in notes
     assert "1 images under" in notes and "ISIC_orphan" in notes
-    assert "1 rows repeat an image_id" in notes
+    assert "1 rows repeat an image id" in notes
     assert "age missing or 'unknown' for 3 of 4" in notes
-    assert "scc (1)" in notes
+    assert "mystery (1)" in notes
     recs, y, _ = select_task(ds, "ham7")
-    assert len(recs) == 3 and any("dropped 1 images" in n and "scc (1)" in n for n in ds.notes)
+    assert len(recs) == 3 and any("dropped 1 images" in n and "mystery (1)" in n for n in ds.notes)
     recs, y, classes = select_task(ds, "binary")
     assert classes == ("benign", "malignant") and len(recs) == 3 and y.tolist().count(1) == 1
 
