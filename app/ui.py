@@ -224,8 +224,8 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                     placeholder="Drop lesion images here, add a note… or type help",
                     label="Message", show_label=False, elem_id="chat-input",
                     max_plain_text_length=2000)
-                gr.Examples(_samples(), inputs=[chat_input], label="Held-out samples with known diagnoses (HAM10000, BCN_20000, ISIC 2017)",
-                            cache_examples=False, examples_per_page=8)
+                samples = gr.Examples(_samples(), inputs=[chat_input], cache_examples=False, examples_per_page=8,
+                                      label="Held-out samples with known diagnoses (HAM10000, BCN_20000, ISIC 2017)")
                 clear = gr.Button("New conversation", size="sm", variant="secondary")
 
             with gr.Tab("Compare", id="compare") as compare_tab:
@@ -321,6 +321,11 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                            api_name="chat_add", **LIGHT)
          .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state],
                api_name="chat_respond", **MODEL)
+         .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
+        # A sample card sends itself: once it has filled the input, the same chain as pressing Enter.
+        (samples.load_input_event
+         .then(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input], api_visibility="private", **LIGHT)
+         .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state], api_visibility="private", **MODEL)
          .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
         clear.click(lambda: ([], {}), None, [chatbot, chat_state], api_visibility="private",
                     **LIGHT)
