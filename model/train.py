@@ -3,6 +3,7 @@
 Sections follow big_vision: input pipeline / model and optimiser / update step / checkpoint /
 evals / loop. Training interrupted at any point loses at most the current epoch (`--resume`).
 """
+import csv
 import dataclasses
 import json
 import os
@@ -53,7 +54,6 @@ def cache_split(records, labels, cfg: TrainConfig) -> Split:
 
 def _covers(split_csv: Path, records) -> bool:
     """True when `split_csv` names every record (by path, or by file name as `read_split` matches)."""
-    import csv  # noqa: PLC0415
     with open(split_csv, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     paths = {r.get("path", "") for r in rows}
@@ -97,10 +97,9 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     """Training and validation splits over every `--data` source (each split by its own lesions),
     plus `--extra_train` sources used for training only. Training images byte-identical to any
     validation or external-evaluation image are dropped: ISIC 2017 has copies across its splits."""
-    classes = TASKS[cfg.task] if cfg.task in TASKS else None
-    sources = [load_source(spec, cfg, workdir) for spec in cfg.data]
+    sources = [load_source(spec, cfg, workdir) for spec in cfg.data]   # select_task checks the task
     sources += [load_source(spec, cfg, workdir, train_only=True) for spec in cfg.extra_train]
-    classes = load_labelled(cfg.data[0], cfg.task)[2] if classes is None else classes
+    classes = TASKS[cfg.task]
     held_out = [r for s in sources for r, a in zip(s.records, s.assignment) if a == "val"]
     held_out += [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
     keeps = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
@@ -134,27 +133,22 @@ def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num
     """Indices for one epoch: a permutation, or a weighted draw of the same length.
 
     "balanced": each class equally often. "sources": each training source equally often.
-    "sources_balanced": each source equally often, and each class equally often within its source.
+    "sources_balanced": each source equally often, and each of its classes equally often within it.
     """
     if sampling == "uniform":
         return rng.permutation(len(labels))
     if sampling == "balanced":
-        cells = labels
+        weight = 1.0 / np.bincount(labels)[labels]
     elif sampling in ("sources", "sources_balanced"):
         _, src = np.unique(sources, return_inverse=True)
-        cells = src * num_classes + labels if sampling == "sources_balanced" else src
-        # each source an equal share; within a source, each of its classes an equal share
-        per_source = np.bincount(src)
-        classes_in = np.array([len(np.unique(labels[src == k])) for k in range(len(per_source))])
-        counts = np.bincount(cells)
-        p = 1.0 / counts[cells]
-        p = p / (classes_in[src] if sampling == "sources_balanced" else 1)
-        return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+        weight = 1.0 / np.bincount(src)[src]
+        if sampling == "sources_balanced":
+            cell = src * num_classes + labels
+            classes_in_source = np.bincount(np.unique(cell) // num_classes)
+            weight = 1.0 / (np.bincount(cell)[cell] * classes_in_source[src])
     else:
         raise UserError(f"unknown sampling {sampling!r}; choose uniform, balanced, sources or sources_balanced")
-    counts = np.bincount(cells)
-    p = 1.0 / counts[cells]
-    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+    return rng.choice(len(labels), size=len(labels), replace=True, p=weight / weight.sum())
 
 
 # ----------------------------------------------------------------------------------------------

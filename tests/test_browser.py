@@ -68,10 +68,7 @@ def test_chat_compare_history_model_in_chromium(app):
             page.goto(app.url)
 
             # Chat: drop an image with a note, press Enter, wait for the reply and its overlay.
-            page.locator("#chat-input input[type=file]").set_input_files(str(SAMPLE))
-            page.locator("#chat-input textarea").fill("75 y, lower leg")
-            page.wait_for_timeout(500)
-            page.locator("#chat-input textarea").press("Enter")
+            _send(page, SAMPLE, "75 y, lower leg")
             bot = page.locator("#chatbot [data-testid='bot']")
             bot.filter(has_text="Malignant vs benign").first.wait_for()
             page.locator("#chatbot [data-testid='bot'] img[src*='gradcam-']").first.wait_for()
@@ -119,6 +116,14 @@ def _page(browser, app):
     return page
 
 
+def _send(page, image, note: str) -> None:
+    """Drop `image` into the chat with `note` and press Enter, as a person would."""
+    page.locator("#chat-input input[type=file]").set_input_files(str(image))
+    page.locator("#chat-input textarea").fill(note)
+    page.wait_for_timeout(500)
+    page.locator("#chat-input textarea").press("Enter")
+
+
 @pytest.mark.slow
 def test_sample_card_gives_a_reply_with_the_known_diagnosis(app):
     """A sample card sends itself (image and note): one click gets the full reply, with the
@@ -150,10 +155,7 @@ def test_non_lesion_image_leads_with_the_warning_and_holds_the_table_back(app, t
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = _page(browser, app)
-            page.locator("#chat-input input[type=file]").set_input_files(str(flat))
-            page.locator("#chat-input textarea").fill("holiday photo")
-            page.wait_for_timeout(500)
-            page.locator("#chat-input textarea").press("Enter")
+            _send(page, flat, "holiday photo")
             bot = page.locator("#chatbot [data-testid='bot']")
             bot.filter(has_text="does not look like").first.wait_for()
             sync_api.expect(page.locator("#chat-input textarea")).to_be_enabled()
