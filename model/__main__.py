@@ -6,7 +6,7 @@
     python -m model predict   --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
-    python -m model calibrate --checkpoint DIR --csv split.csv --split val [--external_eval CSV:test]
+    python -m model calibrate --checkpoint DIR --csv split.csv --split val [--csv NAME=SPEC ...] [--external_eval CSV:test]
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR [--json]   (summary; --json: all metadata)
     python -m model card      --checkpoint DIR [--out FILE]   (the model card as Markdown)
@@ -63,14 +63,23 @@ def cmd_split(args):
 
 
 def cmd_calibrate(args):
+    import numpy as np
+
     from .calibration import calibrate
-    from .evaluate import external_summary, labelled_split, record_external
+    from .data import parse_source
+    from .evaluate import Split, external_summary, labelled_split, record_external
     from .predictor import Predictor
     predictor = Predictor.load(args.checkpoint)
-    result = calibrate(predictor, labelled_split(predictor, args.csv, args.split), predictor.classes)
+    # Several --csv: one validation set, each part keeping its source's name for the operating point.
+    parts = [labelled_split(predictor, spec, None if parse_source(spec)[2] else args.split) for spec in args.csv]
+    val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                [r for p in parts for r in p.records])
+    sources = np.repeat([parse_source(spec)[0] for spec in args.csv], [len(p.labels) for p in parts])
+    result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None)
     external = record_external(predictor, args.external_eval or [])
     print(json.dumps({**{k: result[k] for k in ("temperature", "ece_before", "ece_after")},
-                      "operating_point": result["val"].get("operating_point"),
+                      "operating_point": {**predictor.metadata.get("operating_point", {}),
+                                          **(result["val"].get("operating_point") or {})},
                       "external": {spec: external_summary(m) for spec, m in external.items()}}, indent=2))
 
 
@@ -263,8 +272,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="refit temperature, operating point and unusual-image gate on a validation set")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--csv", required=True, help="validation set (e.g. the run's split.csv)")
-    p.add_argument("--split", default="val")
+    p.add_argument("--csv", required=True, action="append", metavar="SPEC",
+                   help="validation set (e.g. the run's split.csv); repeat it, as NAME=PATH[:split], for a "
+                        "model trained on several sources: each source's melanomas then set the operating point too")
+    p.add_argument("--split", default="val", help="the split to use where a --csv names none")
     p.add_argument("--external_eval", action="append", metavar="SPEC",
                    help="also evaluate on another source (CSV[:split,...]) and store it in the checkpoint")
     p.set_defaults(run=cmd_calibrate)

@@ -5,7 +5,10 @@
   OOD_PASS_RATE of validation lesions pass (the app warns about the rest);
 - a high-sensitivity operating point: the malignant-probability threshold at which
   OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
-  misses many melanomas and users should see what a sensitive cut-off costs in specificity;
+  misses many melanomas and users should see what a sensitive cut-off costs in specificity.
+  With several validation sources it is lowered, where needed, until it also flags that share
+  of each source's melanomas: one clinic's melanomas can score lower than another's, and a
+  pooled threshold would under-flag them (docs/RESULTS.md, session 10's rule);
 - per-subgroup metrics (sex, age band, body site) so users see where the model is weaker;
 - optionally, the clinical-metadata fusion (model/clinical.py), fitted on the training split
   before the temperature so that the temperature calibrates the fused prediction.
@@ -16,6 +19,8 @@ from . import checkpoint, clinical, metrics
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OPERATING_SENSITIVITY = 0.9
+MIN_SOURCE_MELANOMAS = 10     # fewer give a threshold that one lesion moves
+MIN_SPECIFICITY = 0.5         # below this the per-source threshold flags too much: keep the pooled one
 
 
 def ood_statistics(pooled: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -32,21 +37,45 @@ def subgroups(records) -> dict:
             "body_site": [r.site for r in records]}
 
 
-def sensitive_threshold(probs, labels, classes) -> float | None:
+def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | None, dict]:
+    """The operating threshold and how it was chosen (`operating_point` metadata, less the threshold).
+
+    Pooled: flags OPERATING_SENSITIVITY of malignant validation lesions. With `sources` (one name
+    per image), also that share of each source's melanomas where it has MIN_SOURCE_MELANOMAS; the
+    lowest threshold wins unless its pooled specificity falls under MIN_SPECIFICITY."""
     split = metrics.malignant_split(probs, labels, classes)
     if split is None or not split[1].any():
-        return None
-    return metrics.threshold_for_sensitivity(*split, OPERATING_SENSITIVITY)
+        return None, {}
+    score, malignant = split
+    pooled = metrics.threshold_for_sensitivity(score, malignant, OPERATING_SENSITIVITY)
+    rule = {"target_sensitivity": OPERATING_SENSITIVITY, "rule": "pooled malignant"}
+    if sources is None or "mel" not in classes:
+        return pooled, rule
+    melanoma = labels == list(classes).index("mel")
+    sources = np.asarray(sources)
+    per_source = {str(name): metrics.threshold_for_sensitivity(score[sources == name], melanoma[sources == name],
+                                                               OPERATING_SENSITIVITY)
+                  for name in dict.fromkeys(sources.tolist())
+                  if (melanoma & (sources == name)).sum() >= MIN_SOURCE_MELANOMAS}
+    lowest = min([pooled, *per_source.values()])
+    specificity = float((score[~malignant] < lowest).mean())
+    rule["per_source_melanoma_thresholds"] = per_source
+    if lowest < pooled and specificity >= MIN_SPECIFICITY:
+        rule["rule"] = "per-source melanoma"
+        return lowest, rule
+    return pooled, rule
 
 
-def calibrate(predictor, val, classes) -> dict:
-    """Fit temperature, operating point and OOD gate on the validation split; write them into the checkpoint."""
+def calibrate(predictor, val, classes, sources=None) -> dict:
+    """Fit temperature, operating point and OOD gate on the validation split; write them into the checkpoint.
+
+    `sources` names each validation image's source, for the per-source melanoma operating point."""
     image_logits, pooled = predictor.forward_arrays(val.images)
     logits = predictor.with_clinical(image_logits, val.records)
     before = metrics.classification_metrics(metrics.softmax(logits), val.labels, list(classes), n_bootstrap=0)
     temperature = metrics.fit_temperature(logits, val.labels)
     probs = metrics.softmax(logits, temperature)
-    threshold = sensitive_threshold(probs, val.labels, classes)
+    threshold, rule = sensitive_threshold(probs, val.labels, classes, sources)
     after = metrics.classification_metrics(probs, val.labels, list(classes), n_bootstrap=1000,
                                            operating_threshold=threshold)
     after["subgroups"] = metrics.subgroup_metrics(probs, val.labels, list(classes), subgroups(val.records))
@@ -65,7 +94,7 @@ def calibrate(predictor, val, classes) -> dict:
 
     predictor.metadata.update(temperature=temperature, ood=ood)
     if threshold is not None:
-        predictor.metadata["operating_point"] = {"target_sensitivity": OPERATING_SENSITIVITY, "threshold": threshold}
+        predictor.metadata["operating_point"] = {**rule, "threshold": threshold}
     predictor.metadata["metrics"] = {**predictor.metadata.get("metrics", {}), "val": metrics.to_jsonable(after)}
     checkpoint.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     result = {"val": after, "temperature": temperature, "ece_before": before["ece"], "ece_after": after["ece"]}

@@ -336,7 +336,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         print(json.dumps(row), flush=True)
         report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
-    result = finalize(cfg, workdir, train, val, classes)
+    result = finalize(cfg, workdir, train, val, classes, val_sources)
     print(run_summary(cfg, workdir, progress, result, len(val.labels)), flush=True)
     return result
 
@@ -367,13 +367,13 @@ def run_summary(cfg: TrainConfig, workdir: Path, progress: dict, result: dict, n
         f"  python -m app --checkpoint {q(workdir)}"])
 
 
-def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes) -> dict:
+def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes, val_sources) -> dict:
     """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
-    result = calibrate(predictor, val, classes)
+    result = calibrate(predictor, val, classes, val_sources)
     result["external"] = record_external(predictor, cfg.external_eval)
     (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
     return result

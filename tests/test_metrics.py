@@ -157,6 +157,39 @@ def test_malignant_sums_probabilities_over_malignant_classes():
 # --------------------------------------------------------------------------- calibration
 
 
+def _two_clinics(low_scores):
+    """Clinic "a": 20 melanomas scoring 0.9, 20 nevi at 0.05; clinic "b": 20 melanomas at `low_scores`,
+    20 nevi at 0.02. The malignant score is the mel probability (column 4 of HAM's order)."""
+    mel, nv = HAM.index("mel"), HAM.index("nv")
+    scores = np.concatenate([np.full(20, 0.9), np.full(20, 0.05), low_scores, np.full(20, 0.02)])
+    probs = np.zeros((80, len(HAM)))
+    probs[:, mel], probs[:, nv] = scores, 1 - scores
+    labels = np.array([mel] * 20 + [nv] * 20 + [mel] * 20 + [nv] * 20)
+    return probs, labels, np.repeat(["a", "b"], 40)
+
+
+def test_operating_point_flags_each_sources_melanomas_not_just_the_pooled_ones():
+    from model.calibration import sensitive_threshold
+    probs, labels, sources = _two_clinics(np.linspace(0.3, 0.6, 20))
+    pooled, rule = sensitive_threshold(probs, labels, HAM)
+    assert rule["rule"] == "pooled malignant"
+    flagged_b = lambda t: (probs[40:60, HAM.index("mel")] >= t).mean()  # noqa: E731
+    assert flagged_b(pooled) < 0.9   # clinic b's melanomas lose out to clinic a's
+    threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
+    assert rule["rule"] == "per-source melanoma" and threshold < pooled and flagged_b(threshold) >= 0.9
+    assert set(rule["per_source_melanoma_thresholds"]) == {"a", "b"}
+
+
+def test_operating_point_keeps_the_pooled_threshold_when_per_source_would_flag_most_benign_lesions():
+    from model.calibration import sensitive_threshold
+    # clinic b's melanomas score below its own nevi: flagging 90% of them flags every nevus too
+    probs, labels, sources = _two_clinics(np.linspace(0.0, 0.01, 20))
+    pooled, _ = sensitive_threshold(probs, labels, HAM)
+    threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
+    assert threshold == pooled and rule["rule"] == "pooled malignant"
+    assert rule["per_source_melanoma_thresholds"]["b"] < pooled  # computed, then refused
+
+
 def test_ece_perfectly_calibrated_is_near_zero_and_overconfident_is_not():
     rng = np.random.default_rng(5)
     logits = rng.normal(scale=2.0, size=(40000, 5))

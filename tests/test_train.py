@@ -197,6 +197,14 @@ def test_calibrate_command_refits_and_records_other_sources(trained_run, synthet
     assert other["n"] == 8 and other["operating_point"]["threshold"] == after["operating_point"]["threshold"]
     assert json.loads(done.stdout)["external"][str(labels)]["n"] == 8
 
+    # Several named validation parts form one set; each is a source for the operating point.
+    split = workdir / "split.csv"
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", f"first={split}:val", "--csv", f"second={split}:val")
+    assert done.returncode == 0, done.stderr
+    point = json.loads(done.stdout)["operating_point"]
+    assert point["rule"] in ("pooled malignant", "per-source melanoma") and "per_source_melanoma_thresholds" in point
+    assert checkpoint.read_metadata(ckpt)["metrics"]["val"]["n"] == 2 * before["metrics"]["val"]["n"]
+
 
 DATA_PARALLEL_STEPS = """
 import json, numpy as np, jax, jax.numpy as jnp
