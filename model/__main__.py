@@ -147,7 +147,8 @@ def cmd_info(args):
     point = md.get("operating_point") or {}
     lines.append("Sensitive threshold  " + (
         f"malignant probability >= {num(point['threshold'])} (chosen for validation sensitivity "
-        f"{num(point.get('target_sensitivity'), '.0%')})" if point.get("threshold") is not None else "none (not calibrated)"))
+        f"{num(point.get('target_sensitivity'), '.0%')}, {point.get('rule', 'pooled malignant')})"
+        if point.get("threshold") is not None else "none (not calibrated)"))
     ood = md.get("ood") or {}
     if ood:
         lines.append(f"Unusual-image gate   feature distance > {num(ood.get('threshold'))} or entropy > "

@@ -215,8 +215,11 @@ def _val_lines(metadata: dict, classes, names) -> list[str]:
         lines += _metrics_lines({**val, "temperature": metadata.get("temperature")}, classes, names)
         point = val.get("operating_point")
         if point:
-            target = (metadata.get("operating_point") or {}).get("target_sensitivity")
+            stored = metadata.get("operating_point") or {}
+            target = stored.get("target_sensitivity")
             chosen = f"chosen on validation for {target:.0%} sensitivity" if target else "chosen on validation"
+            if stored.get("rule") == "per-source melanoma":
+                chosen += " of the malignant lesions and of each source's melanomas"
             lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, {chosen}): "
                       f"malignant sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
                       f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged "
