@@ -38,12 +38,32 @@ def history_cases(ctx: Services, user: str, query: str = "", top_class: str | No
                                 date_from=_day(date_from), date_to=_day(date_to))
 
 
+# Table cells show a short form (a note of a few hundred characters made every row a column of
+# text); the selected case's details and the exports keep the full values.
+NOTE_CHARS = 40       # two lines in the note column at 1280 px
+FILE_CHARS = 28       # an ISIC or camera file name keeps its start and its number + extension
+
+
+def shorten(text: str, limit: int, keep_end: int = 0) -> str:
+    """`text` cut to about `limit` characters with an ellipsis: at a word boundary, or in the
+    middle when `keep_end` characters of the end matter (a file name's number and extension)."""
+    text = " ".join((text or "").split())
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        return text[:limit - keep_end - 1] + "…" + text[-keep_end:]
+    head = text[:limit - 1]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > limit // 2 else head).rstrip(" ,;.") + "…"
+
+
 def history_table(ctx: Services, cases) -> list[list]:
     names = dict(zip(ctx.predictor.classes, ctx.predictor.class_names))
     rows = []
     for c in cases:
         flag = "unusual image" if c.unusual else ""
-        rows.append([c.id, c.created[:19].replace("T", " "), c.filename, c.note,
+        rows.append([c.id, c.created[:16].replace("T", " "),   # to the minute: fits 2 lines
+                     shorten(c.filename, FILE_CHARS, keep_end=12), shorten(c.note, NOTE_CHARS),
                      names.get(c.top_class, c.top_class),
                      f"{c.predictions.get(c.top_class, 0):.0%}",
                      f"{c.malignant_probability:.0%}", flag])

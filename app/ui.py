@@ -50,11 +50,37 @@ CSS = """
   #compare-gallery .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important;}
 }
 /* Model card: wide tables scroll sideways instead of squeezing a column to one letter a line. */
-.ll-model table {display: block; overflow-x: auto; max-width: 100%;}
+.ll-model table {display: block; overflow-x: auto; max-width: 100%; width: max-content;
+  border: none; padding: 0;}   /* as a block, the table's own frame would box the cells twice */
 .ll-model th, .ll-model td {min-width: 5.5em; word-break: normal; overflow-wrap: normal;}
 .ll-model td code {white-space: nowrap;}
+.ll-model :is(p, li) > code {overflow-wrap: anywhere;}   /* a data path has no space to wrap at */
 .ll-model td:nth-child(n+5) {min-width: 12em;}   /* per-class counts: a few lines, not ten */
-#case-dd input {text-overflow: ellipsis;}
+/* The arrow sits over the input's right end: keep a cut-off label's ellipsis clear of it. */
+#case-dd input {text-overflow: ellipsis; padding-right: 24px; box-sizing: border-box;}
+/* History table: Gradio turns column_widths (percentages of the table) into pixels and copies
+   them onto the header cell, a hidden sizing cell and each body cell. The same floor on all
+   three keeps header and body aligned; on a phone the floors win and the table scrolls sideways
+   instead of wrapping a date one digit a line. Floors fit each header word (8.4 px a character
+   of the 14 px mono font, plus 16 px padding); at 1280 px every percentage is above its floor. */
+#history-table :is(th, td, [role=gridcell]):nth-child(1) {min-width: 56px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(2) {min-width: 104px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(3) {min-width: 150px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(4) {min-width: 170px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(5) {min-width: 144px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(6) {min-width: 112px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(7) {min-width: 96px !important;}
+#history-table :is(th, td, [role=gridcell]):nth-child(8) {min-width: 80px !important;}
+/* A phone shows case, date and prediction first: file and note are hidden there (the selected
+   case's details below the table show both, in full), in the header and body alike. */
+@media (max-width: 640px) {
+  #history-table :is(th, td, [role=gridcell]):is(:nth-child(3), :nth-child(4)) {display: none;}
+}
+/* The case number stays in view when the table scrolls sideways (Gradio 6.31 takes
+   pinned_columns but does not pin). */
+#history-table :is(th, [role=gridcell]):nth-child(1) {position: sticky; left: 0; z-index: 3;
+  border-right: 1px solid var(--border-color-primary);}
+#history-table [role=gridcell]:nth-child(1) {background: inherit;}
 """
 
 INTRO = ("# LesionLens\n"

@@ -416,6 +416,25 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     assert ctx.store.delete_case(case.id, user="ana") and not case.image_path.exists()
 
 
+def test_history_table_shortens_long_values_and_details_and_csv_keep_them(ctx):
+    from app import history as hist
+    from app.services import md_escape
+    note = ("54 y, left shoulder, growing for three months, itchy, bleeds sometimes when "
+            "scratched; mother had melanoma")
+    name = "IMG_20261130_141038_dermatoscope_left_shoulder_close_up.jpg"
+    preds = dict.fromkeys(ctx.predictor.classes, 1 / len(ctx.predictor.classes))
+    case = ctx.store.add_case(Image.open(SAMPLE), predictions=preds, malignant_probability=0.2,
+                              filename=name, note=note)
+    (row,) = hist.history_table(ctx, [case])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", row[1]), row[1]   # to the minute
+    assert row[2] == "IMG_20261130_14…close_up.jpg" and len(row[2]) <= hist.FILE_CHARS
+    assert row[3] == "54 y, left shoulder, growing for three…", row[3]   # at a word
+    _, md = hist.case_details(ctx, case.id, "")
+    assert md_escape(note) in md and md_escape(name) in md
+    csv_text = Path(hist.export_history(ctx, "csv", [case])).read_text()
+    assert note in csv_text and name in csv_text and case.created in csv_text
+
+
 def test_classify_api_says_which_side_of_the_sensitive_threshold(ctx, monkeypatch):
     from app.analysis import classify_api
     _, _, summary = classify_api(ctx, str(SAMPLE))
@@ -885,10 +904,10 @@ def test_app_files_are_private_and_its_temp_folder_goes_on_sigterm(tiny_checkpoi
         assert any(name.endswith(".png") for name in temp)              # overlays and copies
         assert any(name.endswith(upload.name) for name in temp), temp   # Gradio's upload copy
         assert any(name.startswith("images/") and name.endswith(".png") for name in stored)
-        # Gradio copies the bundled (public) example images with their own 0644 mode; they sit
-        # in the 0700 folder, out of other users' reach.
-        samples = {p.name for p in SAMPLES.glob("*")}
-        temp = {n: m for n, m in temp.items() if not (Path(n).name in samples and m == 0o644)}
+        # Gradio copies the bundled (public) example images keeping their own mode (0644 in a
+        # clone, 0444 where a checkout is read-only); they sit in the 0700 folder, out of reach.
+        samples = {p.name: p.stat().st_mode & 0o777 for p in SAMPLES.glob("*")}
+        temp = {n: m for n, m in temp.items() if samples.get(Path(n).name) != m}
         for root, modes in ((data, stored), (app_tmp, temp)):
             folders = {n for n in modes if root.joinpath(n).is_dir()}
             assert {n: m for n, m in modes.items() if n in folders and m != 0o700} == {}

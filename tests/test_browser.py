@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_browser.py -q      # screenshots land in screenshots/
 
 Uploads a sample in the Chat tab and waits for the reply with its overlay image, runs a
-comparison in the Compare tab, finds the case in the History tab, and reads the model card;
+comparison in the Compare tab, finds the case in the History tab (its columns lined up and
+readable at 1280 px and on a 400 px phone), and reads the model card;
 then clicks a sample card and sends it (the reply names the sample's known diagnosis), and drops
 a picture that is not a lesion (the reply leads with that and holds the diagnosis back).
 Skips (with the reason) when Playwright or /usr/bin/chromium is missing; never downloads a
@@ -91,6 +92,15 @@ def test_chat_compare_history_model_in_chromium(app):
             page.get_by_role("button", name="Export ZIP (CSV + images)").click()
             sync_api.expect(page.get_by_text(".zip").first).to_be_visible()
             page.screenshot(path=str(SHOTS / "history.png"), full_page=True)
+            _check_history_columns(page, 1280, want={"case", "date (UTC)", "file", "note",
+                                                     "prediction", "probability", "malignant",
+                                                     "flag"}, scrolls=False)
+            page.set_viewport_size({"width": 400, "height": 1000})   # a phone
+            _check_history_columns(page, 400, want={"case", "date (UTC)", "prediction",
+                                                    "probability", "malignant", "flag"},
+                                   scrolls=True)
+            page.screenshot(path=str(SHOTS / "history-phone.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 1000})
 
             # Delete it: select the row, confirm; the table empties.
             page.locator("#history-table [role=gridcell]").filter(has_text="75 y, lower leg") \
@@ -107,6 +117,40 @@ def test_chat_compare_history_model_in_chromium(app):
             browser.close()
     assert outside == [], f"the page reached outside the machine: {outside}"
     assert (SHOTS / "chat.png").stat().st_size > 10_000
+
+
+# Where each History column's header and first body cell are ([text, x, width]), what the
+# table's scroll box shows and holds, and the page's width. Gradio draws the header as a <table>
+# and the rows as absolutely placed <div>s: nothing but equal widths keeps them aligned.
+_COLUMNS_JS = """() => {
+  const t = document.querySelector('#history-table');
+  const shown = e => getComputedStyle(e).display !== 'none';
+  const box = e => { const r = e.getBoundingClientRect();
+                     return [e.innerText.trim(), Math.round(r.x), Math.round(r.width)]; };
+  const row = t.querySelector('.virtual-row');
+  const vp = t.querySelector('.virtual-table-viewport');
+  return {heads: [...t.querySelectorAll('th[role=columnheader]')].filter(shown).map(box),
+          cells: row ? [...row.querySelectorAll('[role=gridcell]')].filter(shown).map(box) : [],
+          view: [vp.clientWidth, vp.scrollWidth],
+          page: [document.documentElement.clientWidth, document.documentElement.scrollWidth]};
+}"""
+
+
+def _check_history_columns(page, width: int, want: set, scrolls: bool) -> None:
+    """History at `width` px: the `want` columns are shown, header over body, none squeezed to
+    a letter a line; the table scrolls sideways (not the page) when it does not fit."""
+    page.wait_for_timeout(800)                     # Gradio re-measures the columns on resize
+    got = page.evaluate(_COLUMNS_JS)
+    heads, cells = got["heads"], got["cells"]
+    assert {h[0] for h in heads} == want, got
+    assert len(cells) == len(heads), got
+    for (name, hx, hw), (_, cx, cw) in zip(heads, cells):
+        assert abs(hx - cx) <= 2 and abs(hw - cw) <= 2, f"{name!r} misaligned at {width} px: {got}"
+        assert hw >= 40, f"{name!r} is {hw} px wide at {width} px: {got}"
+    view, full = got["view"]
+    assert (full > view) == scrolls, got
+    assert full >= heads[-1][1] + heads[-1][2] - heads[0][1] - 2, got   # the last is reachable
+    assert got["page"][1] <= got["page"][0], f"the page itself scrolls sideways: {got}"
 
 
 def _page(browser, app):
