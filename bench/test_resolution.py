@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.evaluate import labelled_split  # noqa: E402
 from model.predictor import Predictor  # noqa: E402
-from model.train import evaluate_split  # noqa: E402
+from model.evaluate import evaluate_split  # noqa: E402
 
 # ECE: the temperature was fitted at the training size; does calibration hold at the other one?
 REPORTED = ("balanced_accuracy", "macro_auc", "malignant_auc", "ece")

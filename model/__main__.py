@@ -221,7 +221,8 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    add_arguments(sub.add_parser("train", help="train a model (same flags as train.py)")).set_defaults(run=cmd_train)
+    add_arguments(sub.add_parser("train", help="train a model in one process (same flags as train.py; several processes or "
+                                "hosts: python train.py, docs/TRAINING.md)")).set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, report and plots for a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")

@@ -11,6 +11,9 @@ A checkpoint directory is an orbax CheckpointManager directory (one numbered ste
   progress  : (training runs only) epoch, history, best score, for --resume
 A training workdir holds `latest/` (for --resume) and `best/` (by validation balanced accuracy);
 `best/` is what the predictor, `evaluate` and the app load.
+
+Trained on several processes, every process calls `save` and `restore_training` (orbax writes each
+array once, process 0 the JSON items); `load_model` restores onto one local device, whatever mesh wrote it.
 """
 import hashlib
 import json
@@ -22,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from . import distributed
 from .errors import UserError
 from .networks import WEIGHTS, build
 
@@ -101,6 +105,10 @@ def load_model(path):
     directory, step = _step_dir(path)
     # Shapes only: running the initialisers of a real network would cost seconds for nothing.
     graphdef, target, rest = nnx.split(nnx.eval_shape(lambda: build_from_metadata(metadata)), WEIGHTS, ...)
+    # Onto this process's first device: left to itself orbax would restore the sharding it saved, and
+    # refuse a checkpoint written by more devices or processes than this one has ("Topology mismatch").
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
     try:
         with _manager(directory) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
@@ -161,7 +169,10 @@ def checkpoint_id(directory: Path, step: int, weights) -> str:
 
 
 def update_metadata(path, metadata: dict):
-    """Rewrite a checkpoint's metadata in place (after calibration); atomic by rename."""
+    """Rewrite a checkpoint's metadata in place (after calibration); atomic by rename. Process 0 writes;
+    the others of a multi-process run compute the same metadata and leave the file to it."""
+    if not distributed.is_main():
+        return
     directory, step = _step_dir(path)
     target = directory / str(step) / "metadata" / "metadata"
     keep = {k: v for k, v in metadata.items() if k not in ("checkpoint_id", "checkpoint_path")}

@@ -230,6 +230,20 @@ def add_arguments(parser, recipe: str = "default"):
     return parser
 
 
+def add_distributed_arguments(parser):
+    """How this process joins a run on several processes or hosts (`jax.distributed.initialize`'s
+    arguments). Not TrainConfig fields: they say where a process runs, not what is trained."""
+    group = parser.add_argument_group(
+        "several processes or hosts (docs/TRAINING.md); none given: one process, or the SLURM, Open MPI, "
+        "Cloud TPU or Kubernetes job's own settings")
+    group.add_argument("--coordinator_address", metavar="HOST:PORT", default=None,
+                       help="process 0's host and a free port, the same for every process")
+    group.add_argument("--num_processes", type=int, default=None, help="how many processes the run has")
+    group.add_argument("--process_id", type=int, default=None,
+                       help="this process's number, 0 to num_processes - 1; process 0 writes the logs")
+    return parser
+
+
 def from_arguments(args) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from . import checkpoint, metrics, report
-from .evaluate import Split, evaluate_split, record_external
+from . import checkpoint, distributed, metrics, report
+from .evaluate import Split, record_external
 from .augment import AugmentConfig
 from .config import TrainConfig
 from .classes import TASKS
@@ -27,11 +27,12 @@ from .data import load_labelled, parse_source
 from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .networks import build
-from .predictor import Predictor
+from .pipeline import epoch_order, global_batches, prefetch
+from .predictor import EVAL_BATCH, Predictor, forward
 from .preprocess import Normalisation
 from .splits import make_split, not_in, read_split, write_split
-from .train_step import (class_weights, data_mesh, make_ema_update, make_optimizer, make_train_step, replicate,
-                         shard_batch)
+from .train_step import (class_weights, data_mesh, make_ema_update, make_optimizer, make_train_step, process_rows,
+                         replicate, shard_batch)
 
 # ----------------------------------------------------------------------------------------------
 # Input pipeline
@@ -48,7 +49,8 @@ class Source:
 
 
 def cache_split(records, labels, cfg: TrainConfig) -> Split:
-    images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, default_cache_dir())
+    images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, default_cache_dir(),
+                         progress=distributed.is_main())
     return Split(images, np.asarray(labels, np.int32), list(records))
 
 
@@ -105,9 +107,10 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     keeps = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
     dropped = sum(int(((~k) & (s.assignment == "train")).sum()) for s, k in zip(sources, keeps))
     if dropped:
-        print(f"dropped {dropped} training images identical to a validation or external-eval image")
+        distributed.say(f"dropped {dropped} training images identical to a validation or external-eval image")
     all_records = [r for s in sources[:len(cfg.data)] for r in s.records]
-    write_split(workdir / "split.csv", all_records, np.concatenate([s.assignment for s in sources[:len(cfg.data)]]))
+    if distributed.is_main():
+        write_split(workdir / "split.csv", all_records, np.concatenate([s.assignment for s in sources[:len(cfg.data)]]))
 
     def gather(part: str):
         picked = [(r, y, s.name) for s, k in zip(sources, keeps)
@@ -126,29 +129,6 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
                "val_class_counts": {c: int((val.labels == i).sum()) for i, c in enumerate(classes)},
                "split_file": str(workdir / "split.csv"), "val_frac": cfg.val_frac, "split_seed": cfg.split_seed}
     return train, val, tuple(classes), summary, train_sources, val_sources
-
-
-def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int,
-                sources: np.ndarray | None = None) -> np.ndarray:
-    """Indices for one epoch: a permutation, or a weighted draw of the same length.
-
-    "balanced": each class equally often. "sources": each training source equally often.
-    "sources_balanced": each source equally often, and each of its classes equally often within it.
-    """
-    if sampling == "uniform":
-        return rng.permutation(len(labels))
-    if sampling == "balanced":
-        weight = 1.0 / np.bincount(labels)[labels]
-    elif sampling in ("sources", "sources_balanced"):
-        _, src = np.unique(sources, return_inverse=True)
-        weight = 1.0 / np.bincount(src)[src]
-        if sampling == "sources_balanced":
-            cell = src * num_classes + labels
-            classes_in_source = np.bincount(np.unique(cell) // num_classes)
-            weight = 1.0 / (np.bincount(cell)[cell] * classes_in_source[src])
-    else:
-        raise UserError(f"unknown sampling {sampling!r}; choose uniform, balanced, sources or sources_balanced")
-    return rng.choice(len(labels), size=len(labels), replace=True, p=weight / weight.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +154,16 @@ def normalisation(cfg: TrainConfig) -> Normalisation:
     return Normalisation(mean=tuple(mean), std=tuple(std), color_constancy=cfg.color_constancy)
 
 
+def config_train_step(cfg: TrainConfig, num_classes: int):
+    """The jitted update step with the run's augmentation, normalisation, loss and compute type."""
+    aug = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), brightness=cfg.color_jitter,
+                        contrast=cfg.color_jitter, saturation=cfg.color_jitter,
+                        hue=0.15 * cfg.color_jitter, hair=cfg.hair_aug, vignette=cfg.vignette_aug)
+    return make_train_step(aug=aug, norm=normalisation(cfg), num_classes=num_classes,
+                           label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                           dtype=jnp.dtype(cfg.dtype))
+
+
 def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
     import flax, optax, orbax.checkpoint  # noqa: E401 (versions for the record)
     return {
@@ -192,12 +182,27 @@ def model_metadata(cfg: TrainConfig, classes, summary: dict) -> dict:
 # Evals
 # ----------------------------------------------------------------------------------------------
 
-def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes) -> tuple[dict, dict, float]:
+def sharded_logits(predictor: Predictor, images: np.ndarray, mesh) -> np.ndarray:
+    """Plain-view logits of `images`, in chunks split over the mesh: each process reads and runs its own
+    rows of every chunk, and every process gets all the logits back (so all compute the same metrics)."""
+    n_dev = mesh.devices.size
+    chunk = min(-(-EVAL_BATCH // n_dev), -(-len(images) // n_dev)) * n_dev   # one compiled shape
+    rows = process_rows(mesh, chunk)
+    predictor.model.eval()
+    logits = []
+    for start in range(0, len(images), chunk):
+        mine = np.minimum(np.arange(start, start + chunk)[rows], len(images) - 1)  # the tail: padding, cut below
+        x, = shard_batch(mesh, images[mine])
+        logits.append(distributed.gather(forward(predictor.model, x, predictor.norm, False)[0]))
+    return np.concatenate(logits)[:len(images)]
+
+
+def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes, mesh) -> tuple[dict, dict, float]:
     """Pooled validation metrics, each source's own, and the selection score: the mean of the
     sources' balanced accuracies (one source's score when there is one), so a large source
     cannot hide a failing small one. Plain view: 8-view TTA every epoch would cost half an epoch."""
-    pooled, logits = evaluate_split(predictor, val, classes, n_bootstrap=0, tta=False)
-    probs = predictor.probabilities(logits)
+    probs = predictor.probabilities(sharded_logits(predictor, val.images, mesh))
+    pooled = metrics.classification_metrics(probs, val.labels, list(classes), n_bootstrap=0)
     per_source = {}
     for name in dict.fromkeys(val_sources.tolist()):
         mask = val_sources == name
@@ -212,43 +217,47 @@ def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes)
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     workdir = Path(cfg.workdir)
-    fresh = not workdir.exists()   # a run that fails on its data removes the workdir it made, never an older one
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        train, val, classes, summary, train_sources, val_sources = prepare_data(cfg, workdir)
-        if len(train.labels) == 0 or len(val.labels) == 0:
-            raise UserError(f"{', '.join(cfg.data)}: {len(train.labels)} training and {len(val.labels)} validation "
-                            f"images; need both. Add images or lower --val_frac.")
-        trained = [c for i, c in enumerate(classes) if (train.labels == i).any()]
-        if len(trained) < 2:
-            raise UserError(f"{', '.join(cfg.data)}: only {len(trained)} class ({', '.join(trained)}) has training "
-                            f"images; a classifier needs at least two. Is a class folder empty, or --task wrong?")
-        mesh = data_mesh()
-        n_dev = mesh.devices.size
-        batch = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
-        steps_per_epoch = len(train.labels) // batch
-        if cfg.max_steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-        if steps_per_epoch == 0:
-            raise UserError(f"{len(train.labels)} training images are fewer than one batch ({batch}); "
-                            "lower --batch_size.")
-    except BaseException:
-        if fresh:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    (workdir / "config.json").write_text(cfg.to_json())
+    with distributed.main_first("prepare_data"):   # the others read the split and image cache process 0 wrote
+        fresh = not workdir.exists()   # a run that fails on its data removes the workdir it made, never an older one
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            train, val, classes, summary, train_sources, val_sources = prepare_data(cfg, workdir)
+            if len(train.labels) == 0 or len(val.labels) == 0:
+                raise UserError(f"{', '.join(cfg.data)}: {len(train.labels)} training and {len(val.labels)} validation "
+                                f"images; need both. Add images or lower --val_frac.")
+            trained = [c for i, c in enumerate(classes) if (train.labels == i).any()]
+            if len(trained) < 2:
+                raise UserError(f"{', '.join(cfg.data)}: only {len(trained)} class ({', '.join(trained)}) has training "
+                                f"images; a classifier needs at least two. Is a class folder empty, or --task wrong?")
+            # The global batch: --batch_size over every device of every process, rounded down to a multiple of them.
+            mesh = data_mesh()
+            n_dev = mesh.devices.size
+            batch = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
+            steps_per_epoch = len(train.labels) // batch
+            if cfg.max_steps_per_epoch:
+                steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+            if steps_per_epoch == 0:
+                raise UserError(f"{len(train.labels)} training images are fewer than one batch ({batch}); "
+                                "lower --batch_size.")
+        except BaseException:
+            if fresh:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    if distributed.is_main():
+        (workdir / "config.json").write_text(cfg.to_json())
     # Too little validation data to select or calibrate on: say so before any time is spent.
     untrained = [c for c in classes if c not in trained]
     thin = [c for i, c in enumerate(classes) if (val.labels == i).sum() < 2]
     if len(val.labels) < 20 or thin or untrained:
-        print("WARNING: " + "; ".join(filter(None, [
+        distributed.say("WARNING: " + "; ".join(filter(None, [
             f"only {len(val.labels)} validation images (fewer than 20)" if len(val.labels) < 20 else "",
             f"fewer than 2 validation images of {', '.join(thin)}" if thin else "",
             f"no training images of {', '.join(untrained)} (the model cannot learn them)" if untrained else ""]))
               + ". Validation metrics, the best-epoch choice and the calibration will mean little; add images "
-                "or raise --val_frac.", flush=True)
+                "or raise --val_frac.")
     num_classes = len(classes)
     metadata = model_metadata(cfg, classes, summary)
+    metadata["training"]["mesh"] = {"processes": jax.process_count(), "devices": mesh.devices.size, "global_batch": batch}
 
     total_steps = steps_per_epoch * cfg.epochs
 
@@ -256,12 +265,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total_steps,
                                warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
                                body_lr_mult=cfg.body_lr_mult)
-    norm = normalisation(cfg)
-    aug = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), brightness=cfg.color_jitter,
-                        contrast=cfg.color_jitter, saturation=cfg.color_jitter,
-                        hue=0.15 * cfg.color_jitter, hair=cfg.hair_aug, vignette=cfg.vignette_aug)
-    train_step = make_train_step(aug=aug, norm=norm, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                                 mixup=cfg.mixup, cutmix=cfg.cutmix, dtype=jnp.dtype(cfg.dtype))
+    train_step = config_train_step(cfg, num_classes)
     weights = jnp.asarray(class_weights(train.labels, num_classes, cfg.class_weighting))
     # With weight averaging on, the average is the model that is evaluated, selected, saved and served.
     ema_model = nnx.clone(model) if cfg.ema_decay else None
@@ -273,41 +277,44 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     if cfg.resume:
         restored = checkpoint.restore_training(workdir / "latest", model, optimizer, ema=ema_model)
         if restored is None:
-            print(f"--resume: no checkpoint in {workdir / 'latest'}; starting from scratch.")
+            distributed.say(f"--resume: no checkpoint in {workdir / 'latest'}; starting from scratch.")
         else:
             progress = restored
-            print(f"Resuming after epoch {progress['epoch']} of {cfg.epochs}.")
+            distributed.say(f"Resuming after epoch {progress['epoch']} of {cfg.epochs}.")
     replicate((model, optimizer, served), mesh)
     predictor = Predictor(served, metadata)
     log_path = workdir / "log.jsonl"
     # The log holds exactly the checkpointed epochs (a kill may land between save and log write).
-    log_path.write_text("".join(json.dumps(row) + "\n" for row in progress["history"]))
+    if distributed.is_main():
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in progress["history"]))
 
+    distributed.open_collectives(mesh)
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        # Per-epoch seeds: a resumed run draws the same batches as an uninterrupted one.
+        # Per-epoch seeds: a resumed run draws the same batches as an uninterrupted one, and every process
+        # the same order.
         rng = np.random.default_rng([cfg.seed, epoch])
         key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
         order = epoch_order(rng, train.labels, cfg.sampling, num_classes, train_sources)
         model.train()
         losses, preds, seen, t0 = [], [], [], time.time()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True)
-        for step in bar:
-            idx = np.sort(order[step * batch:(step + 1) * batch])
-            images, labels = shard_batch(mesh, np.asarray(train.images[idx]), train.labels[idx])
+        batches = prefetch(global_batches(train.images, train.labels, order, batch, steps_per_epoch, mesh))
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                   dynamic_ncols=True, disable=not distributed.is_main())
+        for step, (idx, images, labels) in enumerate(bar):
             loss, pred = train_step(model, optimizer, images, labels, weights, jax.random.fold_in(key, step))
             if update_ema:
                 update_ema(ema_model, model, (epoch - 1) * steps_per_epoch + step)
             losses.append(loss)
             preds.append(pred)
             seen.append(idx)
-            if step % 10 == 0 or step == steps_per_epoch - 1:
+            if distributed.is_main() and (step % 10 == 0 or step == steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{(step + 1) * batch / (time.time() - t0):.1f}")
         seen = np.concatenate(seen)
-        train_pred = np.concatenate([np.asarray(p) for p in preds])
+        train_pred = np.concatenate([distributed.gather(p) for p in preds])
         epoch_time = time.time() - t0
 
         # --- evals --- (the predictor switches the served model to eval mode)
-        val_metrics, per_source, score = validate(predictor, val, val_sources, classes)
+        val_metrics, per_source, score = validate(predictor, val, val_sources, classes, mesh)
         row = {"epoch": epoch, "time_s": round(epoch_time, 1),
                "train_img_per_s": round(len(seen) / epoch_time, 1),
                "train_loss": float(np.mean([float(l) for l in losses])),
@@ -323,6 +330,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         progress["epoch"] = epoch
 
         # --- checkpoint: best first, then latest, so a crash in between never loses the best ---
+        # (every process saves: orbax writes each array once; the score is the same on all of them)
         if score > progress["best_balanced_accuracy"]:
             progress["best_balanced_accuracy"] = score
             progress["best_epoch"] = epoch
@@ -331,13 +339,14 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         checkpoint.save(workdir / "latest", epoch, model, metadata, optimizer=optimizer, progress=progress,
                         ema=ema_model)
         # Logged after the checkpoint: a run killed in between redoes this epoch and logs it once.
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-        report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
+        if distributed.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            report.plot_learning_curves(progress["history"], workdir / "learning_curves.png")
 
     result = finalize(cfg, workdir, train, val, classes, val_sources)
-    print(run_summary(cfg, workdir, progress, result, len(val.labels)), flush=True)
+    distributed.say(run_summary(cfg, workdir, progress, result, len(val.labels)))
     return result
 
 
@@ -368,12 +377,16 @@ def run_summary(cfg: TrainConfig, workdir: Path, progress: dict, result: dict, n
 
 
 def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes, val_sources) -> dict:
-    """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets."""
+    """Fit the optional clinical fusion, calibrate the best model on validation, evaluate external sets.
+
+    On several processes each computes it all on its first device, with the same result (no process
+    waits on another); process 0 writes the metadata (`checkpoint.update_metadata`) and results.json."""
     from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
     result = calibrate(predictor, val, classes, val_sources)
     result["external"] = record_external(predictor, cfg.external_eval)
-    (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
+    if distributed.is_main():
+        (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))
     return result

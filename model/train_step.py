@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .augment import AugmentConfig, augment
@@ -130,20 +131,34 @@ def make_ema_update(decay: float):
     return update_ema
 
 
-# --- data parallelism: one mesh axis over all local devices; params replicated, batch sharded ---
+# --- data parallelism: one mesh axis over every device of every process; params replicated, batch sharded ---
 
 def data_mesh():
     # Auto axes: the compiler propagates shardings (GSPMD), so model code stays sharding-agnostic.
-    return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    # jax.devices() spans all processes (model/distributed.py); on one machine it is the local devices.
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicate(modules, mesh):
-    """Place every array of `modules` (a module or tuple of them) on all devices."""
+    """Place every array of `modules` (a module or tuple of them) on all devices. Each process holds
+    the same values (same seed, or the same checkpoint), so its own copy becomes the global one."""
     state = nnx.state(modules)
-    nnx.update(modules, jax.device_put(state, NamedSharding(mesh, P())))
+    nnx.update(modules, multihost_utils.host_local_array_to_global_array(state, mesh, P()))
+
+
+def process_rows(mesh, batch: int) -> slice:
+    """The rows of each global batch of `batch` examples that this process reads and feeds: those its
+    devices hold under the batch sharding (all of them on one process)."""
+    indices = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch,)).values()
+    spans = sorted(index[0].indices(batch)[:2] for index in indices)
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:   # make_mesh orders devices by process; guard anyway
+        raise ValueError(f"this process's devices hold scattered rows of the batch: {spans}")
+    return slice(start, stop)
 
 
 def shard_batch(mesh, *arrays):
-    """Split arrays along the batch axis over the mesh; the batch must divide by the device count."""
+    """Global arrays split along the batch axis over the mesh, from this process's rows of them
+    (`process_rows`; on one process, the whole batch). The batch must divide by the device count."""
     sharding = NamedSharding(mesh, P("data"))
-    return tuple(jax.device_put(a, sharding) for a in arrays)
+    return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays)
