@@ -6,6 +6,8 @@ Add new fixtures under a section header; keep helpers private (leading underscor
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,12 @@ from PIL import Image, ImageDraw
 from model.classes import HAM_CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for the whole run, set before JAX is imported and inherited by
+# every `train.py` / app subprocess: most tests compile the same small models, and the second compile
+# of a program becomes a read. A fresh folder per run, so no test depends on an earlier run's cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lesionlens-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # Real dermoscopy data lives outside the repo (see ../shared/data/README.md); absent on fresh machines.
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
