@@ -38,7 +38,7 @@ test: install-test browser
 	$(PY) -m pytest -q
 
 bench: install-test
-	$(PY) bench/bench_train_infer.py
+	$(PY) bench/profile_step.py --peer
 
 clean:
 	rm -rf $(VENV) .pytest_cache

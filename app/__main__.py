@@ -177,4 +177,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from model.runtime import use_huge_pages
+    use_huge_pages()   # XLA:CPU's buffers on huge pages: restarts this process once (model/runtime.py)
     sys.exit(main())

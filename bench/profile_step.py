@@ -103,4 +103,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from model.runtime import use_huge_pages
+    use_huge_pages()   # as train.py does: the step is timed as training runs it (model/runtime.py)
     main()

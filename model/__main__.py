@@ -311,4 +311,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .runtime import use_huge_pages
+    use_huge_pages()   # XLA:CPU's buffers on huge pages: restarts this process once (model/runtime.py)
     sys.exit(main())

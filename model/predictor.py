@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from . import checkpoint, clinical
+from . import checkpoint, clinical, saliency
 from .classes import full_name, malignant_indices
 from .images import load_image, square_box, to_square
 from .render import place_in_frame
@@ -32,22 +32,68 @@ def dihedral_views(x):
     return views
 
 
-@partial(nnx.jit, static_argnames=("norm", "tta"))
-def forward(model, images_u8, norm: Normalisation, tta: bool):
-    """(logits, pooled features) for a uint8 batch; with tta, averaged over the 8 dihedral views."""
-    x = preprocess(images_u8, norm)
-    views = dihedral_views(x) if tta else [x]
-    logits, pooled = [], []
-    for view in views:
-        feats = model.features(view)
-        logits.append(model.head(feats))
-        pooled.append(feats.mean(axis=(1, 2)).astype(jnp.float32))
+def _view_outputs(model, view):
+    feats = model.features(view)
+    return model.head(feats), feats.mean(axis=(1, 2)).astype(jnp.float32)
+
+
+def _mean_over_views(outputs):
+    logits, pooled = zip(*outputs)
     return jnp.mean(jnp.stack(logits), 0), jnp.mean(jnp.stack(pooled), 0)
 
 
+# The model travels as nnx.split's (graphdef, state) into plain jax.jit functions: nnx.jit walks the
+# whole module graph in Python on every call, 20-25 ms for EfficientNet-Lite0 on this CPU, more than
+# a 128-px image's forward pass itself (bench/profile_step.py).
+
+@partial(jax.jit, static_argnames=("norm", "tta"))
+def forward(graphdef, state, images_u8, norm: Normalisation, tta: bool):
+    """(logits, pooled features) for a uint8 batch; with tta, averaged over the 8 dihedral views."""
+    model = nnx.merge(graphdef, state)
+    x = preprocess(images_u8, norm)
+    return _mean_over_views([_view_outputs(model, v) for v in (dihedral_views(x) if tta else [x])])
+
+
+@partial(jax.jit, static_argnames=("norm", "tta", "method"))
+def forward_and_explain(graphdef, state, images_u8, norm: Normalisation, tta: bool, logit_shift, method: str):
+    """`forward`'s (logits, pooled) and, from the same pass, each image's `method` map (a class-activation
+    map, saliency.CAM_METHODS) of its top class, scaled to [0, 1] at the input size.
+
+    The top class is that of the averaged logits plus `logit_shift` (the clinical fusion's offset;
+    the temperature never changes the order), so the map explains the very prediction returned."""
+    model = nnx.merge(graphdef, state)
+    x = preprocess(images_u8, norm)
+    others = [_view_outputs(model, v) for v in (dihedral_views(x)[1:] if tta else [])]
+
+    def top_class(plain_logits):
+        total = plain_logits + sum(logits for logits, _ in others)
+        return jnp.argmax(total / (1 + len(others)) + logit_shift, axis=-1)
+
+    cam, plain_logits, plain_pooled, _ = saliency.cam_and_logits(model, x, top_class, method)
+    logits, pooled = _mean_over_views([(plain_logits, plain_pooled), *others])
+    return logits, pooled, saliency.unit_maps(cam, x.shape[1:3])
+
+
+def bucket(n: int) -> int:
+    """The batch size a batch of n is padded to: the next power of two (one compiled program per
+    bucket, and at most twice the work) up to EVAL_BATCH, then a multiple of it."""
+    return 1 << max(0, n - 1).bit_length() if n <= EVAL_BATCH else -(-n // EVAL_BATCH) * EVAL_BATCH
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` with zero rows (black images) appended up to `size` (their outputs are cut off)."""
+    pad = size - len(rows)
+    return np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)]) if pad else rows
+
+
 class Predictor:
+    """Serves the weights `model` has when the predictor is made (switched to eval mode): after
+    training changes them, make a new one."""
+
     def __init__(self, model, metadata: dict):
         self.model = model
+        model.eval()
+        self.graphdef, self.state = nnx.split(model)
         self.metadata = metadata
         self.classes = list(metadata["classes"])
         self.class_names = [full_name(c) for c in self.classes]
@@ -81,15 +127,12 @@ class Predictor:
     def forward_arrays(self, images_u8: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) logits and pooled features for prepared uint8 images, in batches."""
         tta = self.metadata.get("tta", False) if tta is None else tta
-        self.model.eval()
         logits, pooled = [], []
         for start in range(0, len(images_u8), EVAL_BATCH):
             chunk = np.asarray(images_u8[start:start + EVAL_BATCH])
-            pad = EVAL_BATCH - len(chunk) if len(images_u8) > EVAL_BATCH else 0  # one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)]) if pad else chunk
-            lg, pl = forward(self.model, chunk, self.norm, tta)
-            logits.append(np.asarray(lg)[:len(chunk) - pad])
-            pooled.append(np.asarray(pl)[:len(chunk) - pad])
+            lg, pl = forward(self.graphdef, self.state, padded(chunk, bucket(len(chunk))), self.norm, tta)
+            logits.append(np.asarray(lg)[:len(chunk)])
+            pooled.append(np.asarray(pl)[:len(chunk)])
         return np.concatenate(logits), np.concatenate(pooled)
 
     def logits_from_arrays(self, images_u8, tta=None) -> np.ndarray:
@@ -147,6 +190,29 @@ class Predictor:
     def analyse(self, images, people=None) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
         logits, pooled = self.forward_arrays(self.prepare(images))
+        return self._summary(logits, pooled, people)
+
+    def analyse_and_explain(self, images, people=None) -> dict:
+        """`analyse`, plus "heat": each image's map of its top class by `default_method`, (B, S, S) in
+        [0, 1]. Class-activation maps come from the prediction's own forward pass, in one jitted call
+        per batch (padded to a `bucket` size); other methods take a pass of their own per image."""
+        images = self.prepare(images)
+        if self.default_method not in saliency.CAM_METHODS:
+            out = self.analyse(images, people)
+            top = out["probs"].argmax(axis=1)
+            out["heat"] = np.stack([self.explain(image, class_index=int(c)) for image, c in zip(images, top)])
+            return out
+        shift = self.with_clinical(np.zeros((len(images), len(self.classes)), np.float32), people)
+        size = bucket(len(images))
+        logits, pooled, heat = forward_and_explain(
+            self.graphdef, self.state, padded(images, size), self.norm, bool(self.metadata.get("tta", False)),
+            jnp.asarray(padded(shift, size), jnp.float32), self.default_method)
+        n = len(images)
+        out = self._summary(np.asarray(logits)[:n], np.asarray(pooled)[:n], people)
+        out["heat"] = np.asarray(heat, np.float32)[:n]
+        return out
+
+    def _summary(self, logits, pooled, people) -> dict:
         probs = self.probabilities(self.with_clinical(logits, people))
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
@@ -168,15 +234,13 @@ class Predictor:
         frame="model": (S, S), the model's square view. frame="image": (H, W) on the image's own
         pixels, through the crop and resize `prepare` made (0 outside a field-of-view crop).
         """
-        from .saliency import explain  # noqa: PLC0415 (keeps start-up light for batch prediction)
         if frame not in ("model", "image"):
             raise ValueError(f"frame must be 'model' or 'image', not {frame!r}")
         images = self.prepare([image])
         if class_index is None:
             class_index = int(self.predict(images).argmax())
-        self.model.eval()
         x = preprocess(jnp.asarray(images), self.norm)
-        heat = np.asarray(explain(self.model, x, jnp.asarray([class_index]), method=method or self.default_method,
+        heat = np.asarray(saliency.explain(self.model, x, jnp.asarray([class_index]), method=method or self.default_method,
                                   **kwargs))[0]
         return self.to_image_frame(heat, image) if frame == "image" else heat
 

@@ -129,21 +129,12 @@ def _baseline(x, baseline):
 
 
 # ---------------------------------------------------------------------------------------------
-# Grad-CAM and gradients
-
-@nnx.jit
-def _grad_cam(model, x, ci):
-    feats = model.features(x)
-    logits, head_vjp = jax.vjp(model.head, feats)
-    (grads,) = head_vjp(jax.nn.one_hot(ci, logits.shape[-1], dtype=logits.dtype))
-    weights = grads.mean(axis=(1, 2))  # (B, C): one importance per channel
-    return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", feats, weights.astype(feats.dtype)))
-
+# input gradients
 
 def grad_cam(model, x, class_index) -> jax.Array:
-    """Grad-CAM: ReLU of the feature map weighted by spatially averaged gradients -> (B, h, w)."""
+    """Grad-CAM: ReLU of the last feature map weighted by spatially averaged gradients -> (B, h, w)."""
     x, ci = _prepare(model, x, class_index)
-    return _grad_cam(model, x, ci).astype(jnp.float32)
+    return _cam(model, x, ci, "gradcam")
 
 
 @nnx.jit
@@ -284,19 +275,32 @@ def occlusion(model, x, class_index, *, patch: int | None = None, stride: int | 
 CAM_STAGES = 3
 
 
+# method -> (rule, number of stages, from the last); one forward and one backward pass for any of them
+CAM_METHODS = {
+    "gradcam": ("gradcam", 1),
+    "hirescam": ("hirescam", 1),
+    "gradcam_fused": ("gradcam", CAM_STAGES),
+    "layercam": ("layercam", CAM_STAGES),
+}
+
+
 def _stage_maps_and_grads(model, x, ci, n_stages: int):
-    """The last `n_stages` feature maps and the class logit's gradient w.r.t. each (zero taps)."""
+    """The last `n_stages` feature maps, the class logit's gradient w.r.t. each (zero taps), and the
+    forward pass's logits, pooled features and classes. `ci`: one class per image, or a function
+    of the logits (no gradient flows through it) that picks them."""
     shapes = jax.eval_shape(lambda: model.feature_stages(x))
-    stages = list(range(len(shapes) - n_stages, len(shapes)))
+    stages = list(range(max(0, len(shapes) - n_stages), len(shapes)))   # all of them, if fewer
     taps = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in stages}
 
     def class_logit(taps):
         maps = model.feature_stages(x, taps)
         logits = model.head(maps[-1])
-        return jnp.take_along_axis(logits, ci[:, None], axis=1).sum(), [maps[k] for k in stages]
+        c = ci(jax.lax.stop_gradient(logits)) if callable(ci) else ci
+        pooled = maps[-1].mean(axis=(1, 2)).astype(jnp.float32)
+        return jnp.take_along_axis(logits, c[:, None], axis=1).sum(), ([maps[k] for k in stages], logits, pooled, c)
 
-    grads, maps = jax.grad(class_logit, has_aux=True)(taps)
-    return maps, [grads[k] for k in stages]
+    grads, (maps, logits, pooled, c) = jax.grad(class_logit, has_aux=True)(taps)
+    return maps, [grads[k] for k in stages], logits, pooled, c
 
 
 def _stage_cam(a, g, rule: str):
@@ -319,29 +323,38 @@ def _fuse(cams: list):
     return jnp.mean(jnp.stack([jax.image.resize(c, (b, h, w), method="linear") for c in scaled]), 0)
 
 
-@nnx.jit(static_argnames=("rule", "n_stages"))
-def _cam(model, x, ci, rule, n_stages):
-    maps, grads = _stage_maps_and_grads(model, x, ci, n_stages)
+def cam_and_logits(model, x, class_index, method: str):
+    """For use inside a jitted function: the unnormalised CAM map (B, h, w) of `method` (a key of
+    CAM_METHODS), with the logits, pooled features and classes of the same forward pass.
+    `class_index`: one class per image, or a function of the logits that picks them (the
+    predictor explains the top class of the prediction this very pass makes)."""
+    rule, n_stages = CAM_METHODS[method]
+    maps, grads, logits, pooled, ci = _stage_maps_and_grads(model, x, class_index, n_stages)
     cams = [_stage_cam(a, g, rule) for a, g in zip(maps, grads)]
-    return cams[0] if n_stages == 1 else _fuse(cams)
+    return (cams[0] if len(cams) == 1 else _fuse(cams)), logits, pooled, ci
+
+
+@nnx.jit(static_argnames=("method",))
+def _cam(model, x, ci, method):
+    return cam_and_logits(model, x, ci, method)[0]
 
 
 def hires_cam(model, x, class_index) -> jax.Array:
     """HiResCAM on the last feature map: faithful to what the head sums, as coarse as Grad-CAM."""
     x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "hirescam", 1)
+    return _cam(model, x, ci, "hirescam")
 
 
-def grad_cam_fused(model, x, class_index, *, n_stages: int = CAM_STAGES) -> jax.Array:
-    """Grad-CAM on each of the last `n_stages` stages, fused: sharper than the last map alone."""
+def grad_cam_fused(model, x, class_index) -> jax.Array:
+    """Grad-CAM on each of the last CAM_STAGES stages, fused: sharper than the last map alone."""
     x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "gradcam", n_stages)
+    return _cam(model, x, ci, "gradcam_fused")
 
 
-def layer_cam(model, x, class_index, *, n_stages: int = CAM_STAGES) -> jax.Array:
-    """LayerCAM (Jiang et al. 2021) on the last `n_stages` stages, fused (B, h, w) at the finest."""
+def layer_cam(model, x, class_index) -> jax.Array:
+    """LayerCAM (Jiang et al. 2021) on the last CAM_STAGES stages, fused (B, h, w) at the finest."""
     x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "layercam", n_stages)
+    return _cam(model, x, ci, "layercam")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +373,8 @@ METHODS = {
 
 
 @partial(jax.jit, static_argnames=("size",))
-def _to_unit(maps, size):
+def unit_maps(maps, size):
+    """Maps (B, h, w) upsampled to `size` (H, W) and scaled to [0, 1], as `explain` returns them."""
     maps = jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="linear")
     maps = jnp.maximum(maps, 0.0)  # occlusion: a patch whose removal raises the class is no evidence for it
     # Robust scale: the 99th percentile, so a few extreme pixels do not wash out the rest; the
@@ -380,4 +394,4 @@ def explain(model, x, class_index=None, method: str = "gradcam", **kw) -> np.nda
         raise UserError(f"unknown saliency method {method!r}; choose one of: {', '.join(METHODS)}")
     x = jnp.asarray(x, jnp.float32)
     maps = METHODS[method](model, x, class_index, **kw)
-    return np.asarray(_to_unit(maps, size=tuple(x.shape[1:3])), dtype=np.float32)
+    return np.asarray(unit_maps(maps, size=tuple(x.shape[1:3])), dtype=np.float32)

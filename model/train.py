@@ -188,12 +188,11 @@ def sharded_logits(predictor: Predictor, images: np.ndarray, mesh) -> np.ndarray
     n_dev = mesh.devices.size
     chunk = min(-(-EVAL_BATCH // n_dev), -(-len(images) // n_dev)) * n_dev   # one compiled shape
     rows = process_rows(mesh, chunk)
-    predictor.model.eval()
     logits = []
     for start in range(0, len(images), chunk):
         mine = np.minimum(np.arange(start, start + chunk)[rows], len(images) - 1)  # the tail: padding, cut below
         x, = shard_batch(mesh, images[mine])
-        logits.append(distributed.gather(forward(predictor.model, x, predictor.norm, False)[0]))
+        logits.append(distributed.gather(forward(predictor.graphdef, predictor.state, x, predictor.norm, False)[0]))
     return np.concatenate(logits)[:len(images)]
 
 
@@ -282,7 +281,6 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             progress = restored
             distributed.say(f"Resuming after epoch {progress['epoch']} of {cfg.epochs}.")
     replicate((model, optimizer, served), mesh)
-    predictor = Predictor(served, metadata)
     log_path = workdir / "log.jsonl"
     # The log holds exactly the checkpointed epochs (a kill may land between save and log write).
     if distributed.is_main():
@@ -313,8 +311,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         train_pred = np.concatenate([distributed.gather(p) for p in preds])
         epoch_time = time.time() - t0
 
-        # --- evals --- (the predictor switches the served model to eval mode)
-        val_metrics, per_source, score = validate(predictor, val, val_sources, classes, mesh)
+        # --- evals --- (a predictor of this epoch's weights; it switches the served model to eval mode)
+        val_metrics, per_source, score = validate(Predictor(served, metadata), val, val_sources, classes, mesh)
         row = {"epoch": epoch, "time_s": round(epoch_time, 1),
                "train_img_per_s": round(len(seen) / epoch_time, 1),
                "train_loss": float(np.mean([float(l) for l in losses])),

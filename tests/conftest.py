@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from model import runtime
 from model.classes import HAM_CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # of a program becomes a read. A fresh folder per run, so no test depends on an earlier run's cache.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lesionlens-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# `train.py` and app subprocesses start with the huge-page malloc settings their entry points would
+# otherwise restart themselves to get (model/runtime.py): the same code path, one start-up fewer.
+os.environ.setdefault("GLIBC_TUNABLES", runtime.TUNABLES)
 # Real dermoscopy data lives outside the repo (see ../shared/data/README.md); absent on fresh machines.
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -82,12 +82,28 @@ def test_every_method_any_class_gives_unit_maps(cnn, images, method):
 
 
 def test_stage_taps_give_the_exact_gradients(cnn, images):
-    # Grad-CAM through the zero taps equals Grad-CAM through jax.vjp of the head.
+    # Grad-CAM through the zero taps equals Grad-CAM written out with jax.vjp of the head.
     ci = jnp.array([0, 1])
-    np.testing.assert_allclose(np.asarray(saliency._cam(cnn, images, ci, "gradcam", 1)),
-                               np.asarray(saliency._grad_cam(cnn, images, ci)), rtol=1e-5, atol=1e-7)
-    maps, grads = saliency._stage_maps_and_grads(cnn, images, ci, 3)
+    feats = cnn.features(images)
+    logits, head_vjp = jax.vjp(cnn.head, feats)
+    (grads,) = head_vjp(jax.nn.one_hot(ci, logits.shape[-1]))
+    reference = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", feats, grads.mean(axis=(1, 2))))
+    np.testing.assert_allclose(np.asarray(saliency.grad_cam(cnn, images, ci)), np.asarray(reference),
+                               rtol=1e-5, atol=1e-7)
+    maps, grads, cam_logits, pooled, classes = saliency._stage_maps_and_grads(cnn, images, ci, 3)
     assert [m.shape[1] for m in maps] == [32, 16, 8] and all(g.shape == m.shape for g, m in zip(grads, maps))
+    # ... and the same pass gives the forward's logits and pooled features
+    np.testing.assert_allclose(np.asarray(cam_logits), np.asarray(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(feats.mean(axis=(1, 2))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(classes), [0, 1])
+
+
+def test_cam_of_the_top_class_picked_in_the_same_pass(cnn, images):
+    top = np.asarray(cnn(images)).argmax(-1)
+    cam, _, _, picked = saliency.cam_and_logits(cnn, images, lambda logits: jnp.argmax(logits, -1), "layercam")
+    np.testing.assert_array_equal(np.asarray(picked), top)
+    np.testing.assert_allclose(np.asarray(cam), np.asarray(saliency.layer_cam(cnn, images, jnp.asarray(top))),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_gradcam_depends_on_the_class(cnn, images):
@@ -123,7 +139,7 @@ def test_maps_point_at_the_only_quadrant_that_matters(method):
     x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1.0, maxval=2.0)
     # Occlusion patches aligned with the quadrant: a patch straddling its border would smear the
     # drop onto the outside half.
-    kw = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"n": 4}, "layercam": {"n_stages": 1}}.get(method, {})
+    kw = {"occlusion": {"patch": 4, "stride": 4}, "smoothgrad": {"n": 4}}.get(method, {})
     maps = saliency.METHODS[method](model, x, jnp.array([0, 1]), **kw)
     if method == "occlusion":  # signed: only the evidence for the class counts
         maps = jnp.maximum(maps, 0)
@@ -134,7 +150,7 @@ def test_maps_point_at_the_only_quadrant_that_matters(method):
 
 def test_unit_scaling_handles_blank_and_spiky_maps():
     maps = jnp.zeros((3, 8, 8)).at[1, 2, 3].set(5.0).at[2].set(jnp.arange(64.0).reshape(8, 8))
-    unit = np.asarray(saliency._to_unit(maps, size=(16, 16)))
+    unit = np.asarray(saliency.unit_maps(maps, size=(16, 16)))
     assert unit.shape == (3, 16, 16)
     assert (unit[0] == 0).all()  # blank stays blank, no NaN
     assert unit[1].max() == pytest.approx(1.0) and (unit[1] >= 0).all()
