@@ -31,8 +31,9 @@ CLOSE_CALL = 0.10        # top-2 probabilities closer than this: the ranking is 
 
 @dataclass
 class Result:
-    """One image's analysis; `prepared` is the model's (S, S, 3) uint8 view of it and
-    `clinical` what the note said (given to the model only if it uses clinical data)."""
+    """One image's analysis; `prepared` is the model's (S, S, 3) uint8 view of it, `heat` the
+    default method's map of the top class in that view, and `clinical` what the note said (given
+    to the model only if it uses clinical data)."""
     image: Image.Image
     prepared: np.ndarray
     probs: np.ndarray
@@ -40,6 +41,7 @@ class Result:
     ood_score: float
     unusual: bool
     warnings: list[str]
+    heat: np.ndarray
     clinical: Clinical = Clinical()
 
 
@@ -62,23 +64,23 @@ def uncertainty_warnings(probs: np.ndarray, entropy: float, class_names, unusual
     return warnings
 
 
-def analyse(predictor, image: Image.Image, clinical: Clinical = Clinical()) -> Result:
-    """Probabilities, malignancy, OOD flag and warnings in one forward pass; `clinical` is
-    passed on only when the checkpoint fuses it (unknown values count as missing)."""
-    prepared = predictor.prepare([image])
-    out = predictor.analyse(prepared, people=[clinical])  # ignored unless the checkpoint fuses them
-    probs = np.asarray(out["probs"])[0]
-    unusual = bool(np.asarray(out["unusual"])[0])
-    return Result(image=image, prepared=prepared[0], probs=probs,
-                  malignant=float(np.asarray(out["malignant"])[0]),
-                  ood_score=float(np.asarray(out["ood_score"])[0]), unusual=unusual,
-                  warnings=uncertainty_warnings(probs, float(np.asarray(out["entropy"])[0]),
-                                                predictor.class_names, unusual),
-                  clinical=clinical)
+def analyse(ctx: Services, image: Image.Image, clinical: Clinical = Clinical()) -> Result:
+    """Probabilities, malignancy, OOD flag, warnings and the default map in one forward pass,
+    batched with other requests (`ctx.model_queue`); `clinical` is passed on only when the
+    checkpoint fuses it (unknown values count as missing)."""
+    predictor = ctx.predictor
+    prepared = predictor.prepare([image])[0]
+    out = ctx.model_queue.submit(prepared, clinical)
+    probs = np.asarray(out["probs"])
+    unusual = bool(out["unusual"])
+    return Result(image=image, prepared=prepared, probs=probs, malignant=float(out["malignant"]),
+                  ood_score=float(out["ood_score"]), unusual=unusual,
+                  warnings=uncertainty_warnings(probs, float(out["entropy"]), predictor.class_names, unusual),
+                  heat=np.asarray(out["heat"]), clinical=clinical)
 
 
 def classify_path(ctx: Services, path, user: str = "", note: str = "", filename: str = ""):
-    """Load, analyse, explain (Grad-CAM), then store: (case, result, overlay png path).
+    """Load, analyse and explain (the default method), then store: (case, result, overlay png path).
 
     UserError for unreadable images, NotStored for a note too long or a full history (checked
     first: no model time spent on a case that cannot be kept); nothing is stored unless every
@@ -96,9 +98,8 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
         image = shrink(load_image(path), STORE_MAX_SIDE)
     except UserError as e:  # name the file as the user knows it, not Gradio's temp path
         raise UserError(_strip_path(str(e), path)) from None
-    result = analyse(ctx.predictor, image, parse_clinical(note))
-    top = int(np.argmax(result.probs))
-    over, _ = overlay(ctx.predictor, image, result.prepared, None, top)
+    result = analyse(ctx, image, parse_clinical(note))
+    over, _ = overlay(ctx.predictor, image, result.prepared, heat=result.heat)
     png = write_png(ctx, over, f"gradcam-{Path(filename).stem}")
     p = ctx.predictor
     case = ctx.store.add_case(

@@ -43,6 +43,7 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
     p = ctx.predictor
     image = case.load_image()
     prepared = p.prepare([image])[0]
+    shown = display_image(image)
     top = p.classes.index(case.top_class)
     methods = [m for m in (methods or []) if m in METHOD_LABELS] or [p.default_method]
     items = []
@@ -50,12 +51,12 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
         codes = [c for c in (class_codes or []) if c in p.classes] or [case.top_class]
         for code in codes:
             ci = p.classes.index(code)
-            heat = heat_on_display(p, p.explain(prepared, method=methods[0], class_index=ci), image)
+            heat = heat_on_display(p, p.explain(prepared, method=methods[0], class_index=ci), image, shown)
             items.append((f"{METHOD_LABELS[methods[0]]} · {p.class_names[ci]} "
                           f"({case.predictions.get(code, 0):.0%})", heat))
     else:
         for m in methods:
-            heat = heat_on_display(p, p.explain(prepared, method=m, class_index=top), image)
+            heat = heat_on_display(p, p.explain(prepared, method=m, class_index=top), image, shown)
             items.append((f"{METHOD_LABELS[m]} · {p.class_names[top]} "
                           f"({case.predictions[case.top_class]:.0%})", heat))
     return {"case_id": case.id, "items": items}
@@ -72,7 +73,7 @@ def compare_render(ctx: Services, compare: dict, alpha: float, pick: str | None,
     raw = display_image(image)
     gallery, files = [], []
     for caption, heat in compare["items"]:
-        over = blend(image, heat, alpha)
+        over = blend(raw, heat, alpha)
         gallery.append((over, caption))
         files.append(write_png(ctx, over, f"case{case.id}-{caption.split(' · ')[0]}-"
                                          f"{caption.split(' · ')[1].split(' (')[0]}", case.id))

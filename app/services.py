@@ -28,6 +28,7 @@ from PIL import Image
 
 from model import render
 
+from .batching import ModelQueue, batch_limit
 from .store import CaseStore, storage_errors
 
 log = logging.getLogger("lesionlens")
@@ -51,6 +52,12 @@ class Services:
     # case id -> the upload and the pictures shown for it: deleting the case removes them
     case_files: dict = field(default_factory=dict, compare=False)
     _files_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    # Every new image's prediction and default map, micro-batched across concurrent requests.
+    model_queue: ModelQueue = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_queue",
+                           ModelQueue(self.predictor.analyse_and_explain, batch_limit(self.predictor)))
 
 
 def remember_files(ctx: Services, case_id: int, *paths) -> None:
@@ -144,15 +151,15 @@ def display_image(image: Image.Image) -> np.ndarray:
     return np.asarray(shrink(image, DISPLAY_MAX_SIDE).convert("RGB"))
 
 
-def blend(image: Image.Image, heat: np.ndarray, alpha: float) -> np.ndarray:
-    """`heat` in the image's own frame (`Predictor.to_image_frame`), at any scale."""
-    return render.overlay(display_image(image), heat, alpha=alpha,
-                          contour_percent=CONTOUR_PERCENT)
+def blend(shown: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """The overlay of `heat` on `shown` (`display_image`), `heat` at that size (`heat_on_display`)."""
+    return render.overlay(shown, heat, alpha=alpha, contour_percent=CONTOUR_PERCENT)
 
 
-def heat_on_display(predictor, heat: np.ndarray, image: Image.Image) -> np.ndarray:
-    """The model-view map placed on the image as displayed (through a field-of-view crop, if any)."""
-    shown = display_image(image)
+def heat_on_display(predictor, heat: np.ndarray, image: Image.Image, shown: np.ndarray | None = None) -> np.ndarray:
+    """The model-view map placed on the image as displayed (through a field-of-view crop, if any);
+    `shown`: `display_image(image)`, when already made."""
+    shown = display_image(image) if shown is None else shown
     return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]))
 
 
@@ -161,7 +168,8 @@ def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str | N
     """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image."""
     if heat is None:
         heat = predictor.explain(prepared, method=method, class_index=class_index)
-    return blend(image, heat_on_display(predictor, heat, image), alpha), heat
+    shown = display_image(image)
+    return blend(shown, heat_on_display(predictor, heat, image, shown), alpha), heat
 
 
 def sample_truth(case) -> str | None:
@@ -205,11 +213,13 @@ def _write_png(ctx: Services, array, stem: str) -> str:
 
 
 def warm_up(predictor) -> None:
-    """Compile the forward pass and Grad-CAM before the first user waits for them (JAX jits
-    on first call, and once more on the second)."""
+    """Compile every batch size the model queue may run (1, 2, 4, 8 up to `batch_limit`) and a
+    follow-up's map before the first user waits for them (JAX compiles each shape on first use)."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
-    for _ in range(2):
-        prepared = predictor.prepare([image])
-        predictor.analyse(prepared)
-        predictor.explain(prepared[0], class_index=0)  # the default method, as the chat uses it
+    prepared = predictor.prepare([image])
+    size = 1
+    while size <= batch_limit(predictor):
+        predictor.analyse_and_explain(np.repeat(prepared, size, axis=0))
+        size *= 2
+    predictor.explain(prepared[0], class_index=0)  # the default method, as a follow-up asks for it

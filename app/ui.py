@@ -6,8 +6,10 @@ modules (`analysis`, `chat`, `compare`, `history`, `model_card`).
 
 Tabs: Chat (main screen), Compare, History, Model. The only globals are read-only (the
 predictor, the store handle); per-user things live in gr.State or the database, scoped to
-`request.username` when auth is on. Events that run the model share one concurrency group, so
-the CPU runs one explanation at a time and the rest queue.
+`request.username` when auth is on. New images (chat and /classify) are analysed by the services'
+model queue, which batches the requests that arrive together into one forward pass: up to
+MAX_BATCH of those events run at once, so that their decoding, drawing and saving overlap the
+model. The Compare tab's explanations share another group and run one at a time.
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ from .analysis import classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
+from .batching import MAX_BATCH
 from .services import DEFAULT_ALPHA, SAMPLES, Services, remove_on_exit, user_of
 
 log = logging.getLogger("lesionlens")
 
 MODEL = dict(concurrency_id="model", concurrency_limit=1)   # one model call at a time on the CPU
+ANALYSE = dict(concurrency_id="analyse", concurrency_limit=MAX_BATCH)   # batched by ctx.model_queue
 LIGHT = dict(concurrency_limit=None)                        # store-only: never wait for the model
 
 CSS = """
@@ -346,18 +350,19 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         (chat_input.submit(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input],
                            api_name="chat_add", **LIGHT)
          .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state],
-               api_name="chat_respond", **MODEL)
+               api_name="chat_respond", **ANALYSE)
          .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
         # A sample card sends itself: once it has filled the input, the same chain as pressing Enter.
         (samples.load_input_event
          .then(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input], api_visibility="private", **LIGHT)
-         .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state], api_visibility="private", **MODEL)
+         .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state], api_visibility="private",
+               **ANALYSE)
          .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
         clear.click(lambda: ([], {}), None, [chatbot, chat_state], api_visibility="private",
                     **LIGHT)
 
         api_go.click(classify, api_file, [api_probs, api_overlay, api_summary], api_name="classify",
-                     **MODEL)
+                     **ANALYSE)
 
         compare_tab.select(refresh_case_list, [case_dd, chat_state], case_dd,
                            api_visibility="private", **LIGHT)

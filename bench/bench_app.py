@@ -1,13 +1,17 @@
 """Latency of the app on this machine (a benchmark, not a test; loopback only, bounded loops).
 
     .venv/bin/python bench/bench_app.py [--checkpoint checkpoints/default] [--n 30]
-                                        [--clients 8] [--duration 60] [--url http://127.0.0.1:7860/]
+                                        [--endpoint classify] [--clients 8 2] [--duration 40]
+                                        [--url http://127.0.0.1:7860/]
 
 Prints three blocks:
-  1. in-process: predict + Grad-CAM for one 224x224 image, after warm-up (mean / p50 / p95);
-  2. one client: the full chat round trip through the running app with gradio_client
-     (send an image message, receive the reply with its overlay) (p50 / p95);
-  3. N concurrent clients doing chat round trips for D seconds: p50 / p95, throughput, errors.
+  1. in-process: the app's one pass (prediction + default map, `Predictor.analyse_and_explain`) for
+     one 224x224 image, and for batches of 2, 4 and 8, after warm-up (mean / p50 / p95);
+  2. one client: the full round trip through the running app with gradio_client (`/classify`:
+     send an image, receive probabilities, overlay and summary; or `chat`: send an image message,
+     receive the reply with its overlay) (p50 / p95);
+  3. for each --clients N: N concurrent clients doing round trips for D seconds: p50 / p95,
+     throughput, errors, and the batch sizes the model queue ran.
 Without --url it starts `python -m app` on a free loopback port with a throw-away history
 database. Without a checkpoint at --checkpoint it benchmarks a random-weight simple_cnn at
 224 px (the timings then say nothing about the bundled model's architecture).
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -44,27 +50,20 @@ def summary(times_s: list[float]) -> str:
 def bench_in_process(checkpoint: Path, n: int) -> None:
     from PIL import Image
 
+    from app.services import warm_up
     from model.predictor import Predictor
     p = Predictor.load(checkpoint)
     image = Image.open(SAMPLE).convert("RGB").resize((224, 224), Image.BILINEAR)
-    for _ in range(3):  # JAX compiles on the first call and once more on the second
-        prepared = p.prepare([image])
-        p.analyse(prepared)
-        p.explain(prepared[0], "gradcam", class_index=0)
-    predict, both = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        prepared = p.prepare([image])
-        out = p.analyse(prepared)
-        t1 = time.perf_counter()
-        p.explain(prepared[0], "gradcam", class_index=int(out["probs"][0].argmax()))
-        t2 = time.perf_counter()
-        predict.append(t1 - t0)
-        both.append(t2 - t0)
-    print(f"1. in-process, {p.metadata.get('arch')} at {p.image_size} px "
-          f"(checkpoint {p.checkpoint_id})")
-    print(f"   predict only        : {summary(predict)}")
-    print(f"   predict + Grad-CAM  : {summary(both)}")
+    warm_up(p)
+    print(f"1. in-process, {p.metadata.get('arch')} at {p.image_size} px, test-time augmentation "
+          f"{'on' if p.metadata.get('tta') else 'off'} (checkpoint {p.checkpoint_id})")
+    for batch in (1, 2, 4, 8):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            p.analyse_and_explain(p.prepare([image] * batch))
+            times.append(time.perf_counter() - t0)
+        print(f"   prediction + map, batch {batch}: {summary(times)}")
 
 
 def chat_round_trip(client) -> None:
@@ -75,40 +74,72 @@ def chat_round_trip(client) -> None:
         raise RuntimeError("reply without a case")
 
 
+def classify_round_trip(client) -> None:
+    from gradio_client import handle_file
+    probs, overlay, summary = client.predict(handle_file(str(SAMPLE)), api_name="/classify")
+    if not (probs and overlay and "case_id" in summary):
+        raise RuntimeError("an answer without probabilities, overlay or case")
+
+
+ROUND_TRIPS = {"classify": classify_round_trip, "chat": chat_round_trip}
+
+
+# gradio_client makes a new httpx client, and so a new SSL context (reading the CA bundle), for every
+# HTTP call, even to http://: 23% of the load generator's CPU, on the 2 cores the app runs on.
+# One context, made once, is what a long-running API user's process would hold anyway.
+SSL_CONTEXT = ssl.create_default_context()
+
+
 def new_client(url: str, auth=None):
     from gradio_client import Client
-    return Client(url, auth=auth, verbose=False,
+    return Client(url, auth=auth, verbose=False, ssl_verify=SSL_CONTEXT,   # handed on to httpx as `verify`
                   download_files=tempfile.mkdtemp(prefix="lesionlens-bench-"))
 
 
-def bench_one_client(url: str, n: int) -> None:
+def bench_one_client(url: str, n: int, round_trip) -> None:
     client = new_client(url)
-    chat_round_trip(client)   # warm: first upload, first queue join
+    round_trip(client)   # warm: first upload, first queue join
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        chat_round_trip(client)
+        round_trip(client)
         times.append(time.perf_counter() - t0)
-    print(f"2. chat round trip, 1 client   : {summary(times)}")
+    print(f"2. {round_trip.__name__}, 1 client: {summary(times)}")
 
 
-def bench_concurrent(url: str, clients: int, duration: float, max_per_client: int) -> None:
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of process `pid` in MB (Linux), None when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError, ValueError):
+        pass
+    return None
+
+
+def bench_concurrent(url: str, clients: int, duration: float, max_per_client: int, round_trip,
+                     app_pid: int | None = None) -> None:
+    """`clients` users, connected first (a gradio_client connection loads the app's config, which
+    is not a request), then all calling `round_trip` in a loop for `duration` seconds."""
     times, errors, lock = [], [], threading.Lock()
-    deadline = time.monotonic() + duration
-
-    def worker():
+    connected = []
+    for _ in range(clients):
         try:
-            client = new_client(url)
+            connected.append(new_client(url))
         except Exception as e:  # noqa: BLE001 (counted, reported below)
-            with lock:
-                errors.append(f"connect: {e}")
-            return
+            errors.append(f"connect: {e}")
+    start = threading.Barrier(len(connected) + 1)
+    deadline = [0.0]
+
+    def worker(client):
+        start.wait()
         for _ in range(max_per_client):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline[0]:
                 break
             t0 = time.perf_counter()
             try:
-                chat_round_trip(client)
+                round_trip(client)
             except Exception as e:  # noqa: BLE001
                 with lock:
                     errors.append(str(e)[:200])
@@ -116,17 +147,30 @@ def bench_concurrent(url: str, clients: int, duration: float, max_per_client: in
             with lock:
                 times.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
-    t0 = time.monotonic()
+    rss_before = rss_mb(app_pid)
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in connected]
     for t in threads:
         t.start()
+    t0 = time.monotonic()
+    deadline[0] = t0 + duration
+    start.wait()
     for t in threads:
         t.join(duration + 300)
     wall = time.monotonic() - t0
-    print(f"3. chat round trip, {clients} concurrent clients for {duration:.0f} s: "
+    print(f"3. {round_trip.__name__}, {clients} concurrent clients for {duration:.0f} s: "
           f"{summary(times)}")
     print(f"   throughput {len(times) / wall:.2f} replies/s, errors {len(errors)}"
           + (f" (first: {errors[0]})" if errors else ""))
+    if rss_before is not None:
+        print(f"   app memory (RSS): {rss_before:.0f} MB before, {rss_mb(app_pid):.0f} MB after")
+
+
+def without_tta(checkpoint: Path, copy: Path) -> Path:
+    """A copy of `checkpoint` whose metadata serves the plain view only."""
+    from model import checkpoint as ckpt
+    shutil.copytree(ckpt.resolve(checkpoint), copy)
+    ckpt.update_metadata(copy, {**ckpt.read_metadata(copy), "tta": False})
+    return copy
 
 
 def main(argv=None) -> int:
@@ -134,8 +178,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "default"))
     ap.add_argument("--url", help="benchmark an app already running here (loopback only)")
     ap.add_argument("--n", type=int, default=30, help="timed iterations for blocks 1 and 2")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds of concurrent load")
+    ap.add_argument("--endpoint", choices=sorted(ROUND_TRIPS), default="classify",
+                    help="classify: the /classify API (issue 18's bar); chat: a chat message with an image")
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 2], help="concurrent clients, one run each")
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds of concurrent load per run")
+    ap.add_argument("--no-tta", action="store_true", help="serve without test-time augmentation (a copy of the "
+                    "checkpoint's metadata with tta off; the checkpoint is not changed)")
     ap.add_argument("--max-per-client", type=int, default=500, help="bound on each client's loop")
     args = ap.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
@@ -147,6 +195,8 @@ def main(argv=None) -> int:
         print(f"(no checkpoint at {checkpoint}: using a random-weight simple_cnn "
               "(widths 32-64-128-256) at 224 px)")
         checkpoint = make_tiny_checkpoint(work / "ckpt", size=224, widths=(32, 64, 128, 256))
+    if args.no_tta:
+        checkpoint = without_tta(checkpoint, work / "plain-view")
     print(f"CPU cores: {os.cpu_count()}, load average: "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     bench_in_process(checkpoint, args.n)
@@ -154,11 +204,14 @@ def main(argv=None) -> int:
     app = None
     url = args.url
     if not url:
-        app = AppProcess(checkpoint, work / "history" / "cases.db").wait_ready()
+        app = AppProcess(checkpoint, work / "history" / "cases.db", "--max-cases", "1000000").wait_ready()
         url = app.url
+    round_trip = ROUND_TRIPS[args.endpoint]
     try:
-        bench_one_client(url, args.n)
-        bench_concurrent(url, args.clients, args.duration, args.max_per_client)
+        bench_one_client(url, args.n, round_trip)
+        for clients in args.clients:
+            bench_concurrent(url, clients, args.duration, args.max_per_client, round_trip,
+                             app.proc.pid if app else None)
     finally:
         if app:
             app.stop()

@@ -20,7 +20,8 @@ from .images import load_image, square_box, to_square
 from .render import place_in_frame
 from .preprocess import Normalisation, preprocess
 
-EVAL_BATCH = 64
+EVAL_BATCH = 64   # images through the network per call, test-time views included: bounds memory
+TTA_VIEWS = 8
 
 
 def dihedral_views(x):
@@ -32,14 +33,12 @@ def dihedral_views(x):
     return views
 
 
-def _view_outputs(model, view):
-    feats = model.features(view)
-    return model.head(feats), feats.mean(axis=(1, 2)).astype(jnp.float32)
-
-
-def _mean_over_views(outputs):
-    logits, pooled = zip(*outputs)
-    return jnp.mean(jnp.stack(logits), 0), jnp.mean(jnp.stack(pooled), 0)
+def _outputs_per_view(model, views: list):
+    """(logits, pooled features), each (V, B, .), of V views of a batch, run as one batch of V * B."""
+    feats = model.features(jnp.concatenate(views))
+    logits = model.head(feats)
+    pooled = feats.mean(axis=(1, 2)).astype(jnp.float32)
+    return logits.reshape(len(views), -1, logits.shape[-1]), pooled.reshape(len(views), -1, pooled.shape[-1])
 
 
 # The model travels as nnx.split's (graphdef, state) into plain jax.jit functions: nnx.jit walks the
@@ -51,7 +50,8 @@ def forward(graphdef, state, images_u8, norm: Normalisation, tta: bool):
     """(logits, pooled features) for a uint8 batch; with tta, averaged over the 8 dihedral views."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    return _mean_over_views([_view_outputs(model, v) for v in (dihedral_views(x) if tta else [x])])
+    logits, pooled = _outputs_per_view(model, dihedral_views(x) if tta else [x])
+    return logits.mean(0), pooled.mean(0)
 
 
 @partial(jax.jit, static_argnames=("norm", "tta", "method"))
@@ -63,21 +63,28 @@ def forward_and_explain(graphdef, state, images_u8, norm: Normalisation, tta: bo
     the temperature never changes the order), so the map explains the very prediction returned."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    others = [_view_outputs(model, v) for v in (dihedral_views(x)[1:] if tta else [])]
+    other_logits, other_pooled = (_outputs_per_view(model, dihedral_views(x)[1:]) if tta
+                                  else (jnp.zeros((0, x.shape[0], 0)),) * 2)
+
+    def mean_logits(plain_logits):
+        return jnp.concatenate([plain_logits[None], other_logits.reshape(-1, *plain_logits.shape)]).mean(0)
 
     def top_class(plain_logits):
-        total = plain_logits + sum(logits for logits, _ in others)
-        return jnp.argmax(total / (1 + len(others)) + logit_shift, axis=-1)
+        return jnp.argmax(mean_logits(plain_logits) + logit_shift, axis=-1)
 
     cam, plain_logits, plain_pooled, _ = saliency.cam_and_logits(model, x, top_class, method)
-    logits, pooled = _mean_over_views([(plain_logits, plain_pooled), *others])
-    return logits, pooled, saliency.unit_maps(cam, x.shape[1:3])
+    pooled = jnp.concatenate([plain_pooled[None], other_pooled.reshape(-1, *plain_pooled.shape)]).mean(0)
+    return mean_logits(plain_logits), pooled, saliency.unit_maps(cam, x.shape[1:3])
 
 
-def bucket(n: int) -> int:
-    """The batch size a batch of n is padded to: the next power of two (one compiled program per
-    bucket, and at most twice the work) up to EVAL_BATCH, then a multiple of it."""
-    return 1 << max(0, n - 1).bit_length() if n <= EVAL_BATCH else -(-n // EVAL_BATCH) * EVAL_BATCH
+def images_per_call(tta: bool) -> int:
+    return EVAL_BATCH // TTA_VIEWS if tta else EVAL_BATCH
+
+
+def bucket(n: int, limit: int) -> int:
+    """The batch size a batch of n <= limit is padded to: the next power of two, so that a few
+    compiled programs serve every size at most twice the work."""
+    return min(limit, 1 << max(0, n - 1).bit_length())
 
 
 def padded(rows: np.ndarray, size: int) -> np.ndarray:
@@ -103,6 +110,11 @@ class Predictor:
         self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
 
     @property
+    def views_per_image(self) -> int:
+        """Network passes per image: 8 with test-time augmentation (the dihedral views), else 1."""
+        return TTA_VIEWS if self.metadata.get("tta") else 1
+
+    @property
     def uses_clinical(self) -> bool:
         """True when the checkpoint fuses age, sex and body site with the image (model/clinical.py)."""
         return bool(self.metadata.get("clinical_fusion"))
@@ -126,11 +138,12 @@ class Predictor:
     # --- predictions ---
     def forward_arrays(self, images_u8: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) logits and pooled features for prepared uint8 images, in batches."""
-        tta = self.metadata.get("tta", False) if tta is None else tta
+        tta = bool(self.metadata.get("tta", False) if tta is None else tta)
+        per_call = images_per_call(tta)
         logits, pooled = [], []
-        for start in range(0, len(images_u8), EVAL_BATCH):
-            chunk = np.asarray(images_u8[start:start + EVAL_BATCH])
-            lg, pl = forward(self.graphdef, self.state, padded(chunk, bucket(len(chunk))), self.norm, tta)
+        for start in range(0, len(images_u8), per_call):
+            chunk = np.asarray(images_u8[start:start + per_call])
+            lg, pl = forward(self.graphdef, self.state, padded(chunk, bucket(len(chunk), per_call)), self.norm, tta)
             logits.append(np.asarray(lg)[:len(chunk)])
             pooled.append(np.asarray(pl)[:len(chunk)])
         return np.concatenate(logits), np.concatenate(pooled)
@@ -194,22 +207,28 @@ class Predictor:
 
     def analyse_and_explain(self, images, people=None) -> dict:
         """`analyse`, plus "heat": each image's map of its top class by `default_method`, (B, S, S) in
-        [0, 1]. Class-activation maps come from the prediction's own forward pass, in one jitted call
-        per batch (padded to a `bucket` size); other methods take a pass of their own per image."""
+        [0, 1]. Class-activation maps come from the prediction's own forward pass, one jitted call per
+        `images_per_call` images (padded to a `bucket` size); other methods take a pass of their own."""
         images = self.prepare(images)
         if self.default_method not in saliency.CAM_METHODS:
             out = self.analyse(images, people)
             top = out["probs"].argmax(axis=1)
             out["heat"] = np.stack([self.explain(image, class_index=int(c)) for image, c in zip(images, top)])
             return out
+        tta = bool(self.metadata.get("tta", False))
+        per_call = images_per_call(tta)
         shift = self.with_clinical(np.zeros((len(images), len(self.classes)), np.float32), people)
-        size = bucket(len(images))
-        logits, pooled, heat = forward_and_explain(
-            self.graphdef, self.state, padded(images, size), self.norm, bool(self.metadata.get("tta", False)),
-            jnp.asarray(padded(shift, size), jnp.float32), self.default_method)
-        n = len(images)
-        out = self._summary(np.asarray(logits)[:n], np.asarray(pooled)[:n], people)
-        out["heat"] = np.asarray(heat, np.float32)[:n]
+        logits, pooled, heat = [], [], []
+        for start in range(0, len(images), per_call):
+            chunk, n = images[start:start + per_call], len(images[start:start + per_call])
+            size = bucket(n, per_call)
+            lg, pl, ht = forward_and_explain(self.graphdef, self.state, padded(chunk, size), self.norm, tta,
+                                             padded(shift[start:start + n], size), self.default_method)
+            logits.append(np.asarray(lg)[:n])
+            pooled.append(np.asarray(pl)[:n])
+            heat.append(np.asarray(ht, np.float32)[:n])
+        out = self._summary(np.concatenate(logits), np.concatenate(pooled), people)
+        out["heat"] = np.concatenate(heat)
         return out
 
     def _summary(self, logits, pooled, people) -> dict:

@@ -1,0 +1,78 @@
+"""Micro-batching in front of the model: requests that arrive together share one forward pass.
+
+    queue = ModelQueue(predictor.analyse_and_explain, max_batch=batch_limit(predictor))
+    row = queue.submit(prepared, clinical)   # blocks; this image's row of its batch's outputs
+
+One worker thread makes every model call. While it runs a batch, new requests wait in the queue,
+and the next batch takes all of them (up to max_batch): a lone request starts at once, with no
+timer to wait out, and under load the batches grow by themselves. One thread on the model also
+keeps concurrent requests from fighting over the cores.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+log = logging.getLogger("lesionlens")
+
+# Images x test-time views per model call beyond which batching stops paying on this 2-core CPU
+# (bench/bench_app.py, block 1): one plain view costs 12.5 ms, eight in one call 7.3 ms each; with
+# 8-view TTA one image is already such a batch (36-41 ms), and 2, 4 or 8 of them cost 42-50 ms each,
+# so a TTA model takes one image per call and a batch would only make requests wait for each other.
+VIEWS_PER_CALL = 8
+MAX_BATCH = VIEWS_PER_CALL   # the most images the app ever batches (plain view): warm_up compiles 1, 2, 4, 8
+
+
+def batch_limit(predictor) -> int:
+    """How many images the queue puts in one call for this predictor."""
+    return max(1, VIEWS_PER_CALL // predictor.views_per_image)
+
+
+class ModelQueue:
+    def __init__(self, run, max_batch: int = MAX_BATCH):
+        """`run(images (B, S, S, 3) uint8, people list) -> dict of arrays with B rows`."""
+        self._run = run
+        self._max_batch = max_batch
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._start = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.batch_sizes: list[int] = []   # the last 1,000 batches: what the load looked like
+
+    def submit(self, image: np.ndarray, person=None) -> dict:
+        """This image's outputs (one row of each array); raises what the model call raised."""
+        self._ensure_worker()
+        done: Future = Future()
+        self._requests.put((image, person, done))
+        return done.result()
+
+    def _ensure_worker(self) -> None:
+        with self._start:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="lesionlens-model", daemon=True)
+                self._worker.start()
+
+    def _next_batch(self) -> list:
+        batch = [self._requests.get()]
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._requests.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+            try:
+                out = self._run(np.stack([image for image, _, _ in batch]), [person for _, person, _ in batch])
+            except BaseException as e:   # noqa: BLE001 (each waiting request gets it; the worker lives on)
+                for _, _, done in batch:
+                    done.set_exception(e)
+                continue
+            for i, (_, _, done) in enumerate(batch):
+                done.set_result({name: values[i] for name, values in out.items()})
