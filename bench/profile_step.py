@@ -5,7 +5,13 @@
 
 The train step is the bare update (forward, backward, AdamW), on synthetic normalised images,
 exactly what `../shared/bench/peer_torch.py throughput` times for PyTorch; augmentation and the
-input pipeline are left out of both. Prints one JSON object as its last line.
+input pipeline are left out of both. Inference and batch-1 latency run the predictor's own jitted
+forward pass (`model.predictor.forward`, plain view) on uint8 images, as the app and evaluation do.
+
+Run as a script, it restarts once with glibc's huge-page malloc settings as train.py does
+(model/runtime.py); the peer runs with the environment it was started with, less those settings,
+unless --peer-huge-pages gives it them too. Prints one JSON object as its last line, with the
+load average before the run (the machine's state: a ratio taken beside other work means little).
 """
 import argparse
 import json
@@ -22,7 +28,10 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import runtime  # noqa: E402
 from model.networks import build  # noqa: E402
+from model.predictor import forward  # noqa: E402
+from model.preprocess import Normalisation  # noqa: E402
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_torch.py"
 
@@ -35,11 +44,6 @@ def train_step(model, optimizer, x, y):
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
-
-
-@nnx.jit
-def predict(model, x):
-    return model(x)
 
 
 def seconds_per_call(fn, repeats: int) -> float:
@@ -67,18 +71,27 @@ def measure(arch: str, size: int, batch: int, steps: int, num_classes: int = 7) 
     train_s = seconds_per_call(lambda: train_step(model, optimizer, x, y), steps)
 
     model.eval()
-    infer_s = seconds_per_call(lambda: predict(model, x), steps)
-    one = x[:1]
-    latency_s = seconds_per_call(lambda: predict(model, one), 20)
+    graphdef, state = nnx.split(model)
+    images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    norm = Normalisation()
+    infer_s = seconds_per_call(lambda: forward(graphdef, state, images, norm, False), steps)
+    one = images[:1]
+    latency_s = seconds_per_call(lambda: forward(graphdef, state, one, norm, False), 20)
     return {"arch": arch, "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "size": size,
             "batch": batch, "train_img_per_s": batch / train_s, "infer_img_per_s": batch / infer_s,
-            "latency_ms_batch1": latency_s * 1000, "first_step_compile_s": compile_s}
+            "latency_ms_batch1": latency_s * 1000, "first_step_compile_s": compile_s,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
-def run_peer(size: int, batch: int, steps: int) -> dict:
+def run_peer(size: int, batch: int, steps: int, huge_pages: bool) -> dict:
+    env = dict(os.environ)
+    if huge_pages:
+        env["GLIBC_TUNABLES"] = runtime.TUNABLES
+    elif env.get("GLIBC_TUNABLES") == runtime.TUNABLES:   # ours, not the user's: the peer runs as it would
+        del env["GLIBC_TUNABLES"]
     out = subprocess.run([sys.executable, str(PEER), "throughput", "--size", str(size), "--batch", str(batch),
-                          "--steps", str(steps)], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+                          "--steps", str(steps)], check=True, capture_output=True, text=True, env=env).stdout
+    return {**json.loads(out.strip().splitlines()[-1]), "glibc_tunables": env.get("GLIBC_TUNABLES")}
 
 
 def main():
@@ -88,11 +101,13 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peer", action="store_true", help=f"also run {PEER.name} now and report ratios")
+    ap.add_argument("--peer-huge-pages", action="store_true", help="give the peer the same malloc settings")
     a = ap.parse_args()
-    result = {"jax": measure(a.arch, a.size, a.batch, a.steps)}
+    load = os.getloadavg()
+    result = {"load_average_before": [round(v, 2) for v in load], "jax": measure(a.arch, a.size, a.batch, a.steps)}
     print(json.dumps(result["jax"]), flush=True)
     if a.peer:
-        peer = result["peer"] = run_peer(a.size, a.batch, a.steps)
+        peer = result["peer"] = run_peer(a.size, a.batch, a.steps, a.peer_huge_pages)
         print(json.dumps(peer), flush=True)
         jx = result["jax"]
         result["ratio_jax_over_peer"] = {
@@ -103,6 +118,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from model.runtime import use_huge_pages
-    use_huge_pages()   # as train.py does: the step is timed as training runs it (model/runtime.py)
+    runtime.use_huge_pages()   # as train.py does: the step is timed as training runs it
     main()

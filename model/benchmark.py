@@ -33,7 +33,8 @@ def set_row(name: str, m: dict) -> dict:
 def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = None, n_bootstrap: int = 200,
               record: bool = False, resize: str | None = None) -> dict:
     """Evaluate `checkpoint` on each SET; with `record`, also store the table in the checkpoint's
-    metadata (`metrics.benchmark`), so the numbers travel with the model and show on its card.
+    metadata (`metrics.benchmark`; `metrics.benchmark_plain` for tta=False), so the numbers travel
+    with the model and show on its card.
     `resize` overrides the checkpoint's crop-and-resize mode: an inference-only ablation of the
     preprocessing (the model was trained with its own mode), never recorded."""
     predictor = Predictor.load(checkpoint)
@@ -55,8 +56,9 @@ def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = 
                                   "resize": predictor.resize,
                                   "operating_threshold": predictor.operating_threshold, "sets": rows})
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    if record:
-        predictor.metadata.setdefault("metrics", {})["benchmark"] = {
+    if record:   # the plain view's table is kept beside the served one: the card compares them
+        key = "benchmark_plain" if tta is False else "benchmark"
+        predictor.metadata.setdefault("metrics", {})[key] = {
             "sets": [{**row, "spec": spec} for row, spec in zip(result["sets"], sets)], "tta": tta}
         checkpoints.update_metadata(predictor.metadata["checkpoint_path"], predictor.metadata)
     report.plot_benchmark(rows, out / "benchmark.png", title=f"{predictor.checkpoint_id}")

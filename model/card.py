@@ -293,6 +293,27 @@ def _benchmark_lines(metadata: dict) -> list[str]:
     return lines + _same_source_note(metadata, [r.get("spec", "") for r in rows])
 
 
+def _tta_lines(metadata: dict) -> list[str]:
+    """What the test-time augmentation buys, where both benchmarks were recorded (with and without)."""
+    recorded = metadata.get("metrics") or {}
+    with_tta, plain = (recorded.get(k) or {} for k in ("benchmark", "benchmark_plain"))
+    plain_rows = {r.get("name"): r for r in plain.get("sets") or [] if isinstance(r, dict)}
+    rows = [(r, plain_rows[r.get("name")]) for r in with_tta.get("sets") or []
+            if isinstance(r, dict) and r.get("name") in plain_rows]
+    if not rows or not with_tta.get("tta"):
+        return []
+    served = "the 8 dihedral views (flips and rotations), averaged" if metadata.get("tta") else "the plain view only"
+    lines = ["", "### Test-time augmentation", "",
+             f"The app and every command serve {served}: the setting chosen by the rule in docs/RESULTS.md "
+             "(issue 18), from validation accuracy and the app's latency under load (README, Speed).", "",
+             "| set | balanced accuracy, 8 views | plain view | malignant AUC, 8 views | plain view |",
+             "|---|---|---|---|---|"]
+    for r, q in rows:
+        lines.append(f"| {r.get('name', '?')} | {_fmt(r.get('balanced_accuracy'))} | {_fmt(q.get('balanced_accuracy'))} | "
+                     f"{_fmt(r.get('malignant_auc'))} | {_fmt(q.get('malignant_auc'))} |")
+    return lines
+
+
 def _saliency_lines(metadata: dict) -> list[str]:
     """Which saliency method the overlay shows, chosen by the rule in docs/RESULTS.md, and its scores."""
     chosen = metadata.get("saliency") or {}
@@ -383,6 +404,7 @@ def model_card_markdown(metadata: dict) -> str:
     lines += _val_lines(md, classes, names)
     lines += _external_lines(md)
     lines += _benchmark_lines(md)
+    lines += _tta_lines(md)
     lines += _saliency_lines(md)
     ood = md.get("ood") or {}
     if ood.get("threshold") is not None:

@@ -207,3 +207,20 @@ def test_info_prints_a_short_summary_and_the_full_json_on_request(which, tmp_pat
         assert "none (not calibrated)" in summary and "random weights for tests" in summary
     assert main(["info", "--checkpoint", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == metadata
+
+
+def test_card_compares_the_served_tta_with_the_plain_view():
+    metadata = multisource_metadata()
+    metadata["tta"] = True
+    bench = metadata["metrics"]["benchmark"]
+    bench["tta"] = True
+    plain = [{**row, "balanced_accuracy": row["balanced_accuracy"] - 0.03, "malignant_auc": 0.8}
+             for row in bench["sets"]]
+    assert "### Test-time augmentation" not in model_card_markdown(metadata)   # one table only: nothing to compare
+    metadata["metrics"]["benchmark_plain"] = {"tta": False, "sets": plain}
+    card = model_card_markdown(metadata)
+    assert "### Test-time augmentation" in card and "serve the 8 dihedral views" in card
+    assert "| ph2 | 0.654 | 0.624 | 0.881 | 0.800 |" in card
+    assert "| isic2017_test | 0.550 | 0.520 | 0.778 | 0.800 |" in card
+    metadata["tta"] = False
+    assert "serve the plain view only" in model_card_markdown(metadata)
