@@ -39,6 +39,7 @@ DISPLAY_MIN_SIDE = 384   # px: smaller images are enlarged for display (never fo
 DEFAULT_ALPHA = 0.5
 CONTOUR_PERCENT = 10     # outline the hottest 10 % of the map
 TMP_MAX_AGE_S = 3600     # overlay PNGs are copied into Gradio's cache at once; ours can go
+PRUNE_EVERY_S = 60       # look for old ones at most this often: a look stats every file there
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Services:
     _files_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
     # Every new image's prediction and default map, micro-batched across concurrent requests.
     model_queue: ModelQueue = field(init=False, compare=False, repr=False)
+    # When the temp folder was last pruned (a one-item list: the dataclass itself is frozen).
+    _pruned_at: list = field(default_factory=lambda: [0.0], compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "model_queue",
@@ -199,12 +202,14 @@ def write_png(ctx: Services, array, stem: str, case_id: int | None = None) -> st
 def _write_png(ctx: Services, array, stem: str) -> str:
     ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    for old in ctx.tmp_dir.glob("*.png"):
-        try:
-            if now - old.stat().st_mtime > TMP_MAX_AGE_S:
-                old.unlink()
-        except OSError:
-            pass
+    if now - ctx._pruned_at[0] > PRUNE_EVERY_S:
+        ctx._pruned_at[0] = now
+        for old in ctx.tmp_dir.glob("*.png"):
+            try:
+                if now - old.stat().st_mtime > TMP_MAX_AGE_S:
+                    old.unlink()
+            except OSError:
+                pass
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
     path = ctx.tmp_dir / f"{safe}-{uuid.uuid4().hex[:8]}.png"
     img = array if isinstance(array, Image.Image) else Image.fromarray(np.asarray(array, np.uint8))

@@ -58,6 +58,7 @@ def bench_in_process(checkpoint: Path, n: int) -> None:
     print(f"1. in-process, {p.metadata.get('arch')} at {p.image_size} px, test-time augmentation "
           f"{'on' if p.metadata.get('tta') else 'off'} (checkpoint {p.checkpoint_id})")
     for batch in (1, 2, 4, 8):
+        p.analyse_and_explain(p.prepare([image] * batch))   # compiles this size (the app only warms its own)
         times = []
         for _ in range(n):
             t0 = time.perf_counter()

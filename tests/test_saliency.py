@@ -305,3 +305,26 @@ def test_predictor_explains_with_the_checkpoint_default(tmp_path, images):
     image = np.asarray((images[0] - images[0].min()) / (images[0].max() - images[0].min()) * 255, np.uint8)
     np.testing.assert_array_equal(p.explain(image, class_index=1), p.explain(image, "layercam", class_index=1))
     assert not np.array_equal(p.explain(image, class_index=1), p.explain(image, "gradcam", class_index=1))
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_one_pass_prediction_and_map_equal_the_two_separate_calls(tmp_path, tta):
+    """`analyse_and_explain` (the app's one jitted pass, batches padded to a power of two) gives what
+    `analyse` and `explain` give apart, for each image's top class, with and without TTA."""
+    from test_app import make_tiny_checkpoint
+    from model import checkpoint
+    from model.predictor import Predictor
+    path = make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE)
+    metadata = checkpoint.read_metadata(path)
+    checkpoint.update_metadata(path, {**metadata, "tta": tta, "saliency": {"default": "layercam"}})
+    p = Predictor.load(path)
+    batch = np.random.default_rng(3).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)   # padded to 4
+    both = p.analyse_and_explain(batch)
+    apart = p.analyse(batch)
+    for key in ("probs", "malignant", "ood_score", "entropy"):
+        np.testing.assert_allclose(both[key], apart[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(both["unusual"], apart["unusual"])
+    top = apart["probs"].argmax(axis=1)
+    assert both["heat"].shape == (3, SIZE, SIZE)
+    for image, c, heat in zip(batch, top, both["heat"]):
+        np.testing.assert_allclose(heat, p.explain(image, class_index=int(c)), atol=1e-5)
