@@ -63,18 +63,18 @@ def forward_and_explain(graphdef, state, images_u8, norm: Normalisation, tta: bo
     the temperature never changes the order), so the map explains the very prediction returned."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    other_logits, other_pooled = (_outputs_per_view(model, dihedral_views(x)[1:]) if tta
-                                  else (jnp.zeros((0, x.shape[0], 0)),) * 2)
+    # The plain view runs inside the map's gradient pass; the other 7 views (with tta) as one batch.
+    others = _outputs_per_view(model, dihedral_views(x)[1:]) if tta else None
 
-    def mean_logits(plain_logits):
-        return jnp.concatenate([plain_logits[None], other_logits.reshape(-1, *plain_logits.shape)]).mean(0)
+    def mean_over_views(plain, i):   # i: 0 logits, 1 pooled features
+        return plain if others is None else jnp.concatenate([plain[None], others[i]]).mean(0)
 
     def top_class(plain_logits):
-        return jnp.argmax(mean_logits(plain_logits) + logit_shift, axis=-1)
+        return jnp.argmax(mean_over_views(plain_logits, 0) + logit_shift, axis=-1)
 
     cam, plain_logits, plain_pooled, _ = saliency.cam_and_logits(model, x, top_class, method)
-    pooled = jnp.concatenate([plain_pooled[None], other_pooled.reshape(-1, *plain_pooled.shape)]).mean(0)
-    return mean_logits(plain_logits), pooled, saliency.unit_maps(cam, x.shape[1:3])
+    return (mean_over_views(plain_logits, 0), mean_over_views(plain_pooled, 1),
+            saliency.unit_maps(cam, x.shape[1:3]))
 
 
 def images_per_call(tta: bool) -> int:
