@@ -1,6 +1,10 @@
 """Hugging Face Space entry point: the same app as `python -m app`."""
 import os
 
+if __name__ == "__main__":   # as `python -m app` does: restart once with huge-page malloc (model/runtime.py)
+    from model.runtime import use_huge_pages
+    use_huge_pages()
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from app.__main__ import parse_auth

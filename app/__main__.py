@@ -168,9 +168,6 @@ def main(argv=None) -> int:
     if not args.no_warmup:
         print("Compiling the model (a few seconds)...", flush=True)
         warm_up(predictor)
-        # Gradio asks matplotlib for its backend around every event, which imports pyplot the
-        # first time (2-3 s here): pay that now, not on the first user's request.
-        import matplotlib.pyplot  # noqa: F401
     demo = build_demo(predictor, store, tmp_dir)
     demo.queue(max_size=64)
     print(f"LesionLens: checkpoint {predictor.checkpoint_id}; history in {store.db_path}"

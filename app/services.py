@@ -219,7 +219,8 @@ def _write_png(ctx: Services, array, stem: str) -> str:
 
 def warm_up(predictor) -> None:
     """Compile every batch size the model queue may run (1, 2, 4, 8 up to `batch_limit`) and a
-    follow-up's map before the first user waits for them (JAX compiles each shape on first use)."""
+    follow-up's map before the first user waits for them (JAX compiles each shape on first use),
+    and import what Gradio's first event would."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
     prepared = predictor.prepare([image])
@@ -228,3 +229,6 @@ def warm_up(predictor) -> None:
         predictor.analyse_and_explain(np.repeat(prepared, size, axis=0))
         size *= 2
     predictor.explain(prepared[0], class_index=0)  # the default method, as a follow-up asks for it
+    # Gradio asks matplotlib for its backend around every event, which imports pyplot the first
+    # time (2-3 s here): pay that now, not on the first user's request.
+    import matplotlib.pyplot  # noqa: F401, PLC0415
