@@ -10,19 +10,16 @@ keeps concurrent requests from fighting over the cores.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from concurrent.futures import Future
 
 import numpy as np
 
-log = logging.getLogger("lesionlens")
-
 # Images x test-time views per model call beyond which batching stops paying on this 2-core CPU
-# (bench/bench_app.py, block 1): one plain view costs 12.5 ms, eight in one call 7.3 ms each; with
-# 8-view TTA one image is already such a batch (36-41 ms), and 2, 4 or 8 of them cost 42-50 ms each,
-# so a TTA model takes one image per call and a batch would only make requests wait for each other.
+# (bench/bench_app.py, block 1, idle machine): one plain view costs 15 ms, eight in one call 8.6 ms
+# each; with 8-view TTA one image is already such a batch (37-54 ms), and 2, 4 or 8 of them cost
+# 43-48 ms each, so a TTA model takes one image per call: a batch would only make requests wait.
 VIEWS_PER_CALL = 8
 MAX_BATCH = VIEWS_PER_CALL   # the most images the app ever batches (plain view): warm_up compiles 1, 2, 4, 8
 
