@@ -37,7 +37,6 @@ class ModelQueue:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._start = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.batch_sizes: list[int] = []   # the last 1,000 batches: what the load looked like
 
     def submit(self, image: np.ndarray, person=None) -> dict:
         """This image's outputs (one row of each array); raises what the model call raised."""
@@ -64,7 +63,6 @@ class ModelQueue:
     def _serve(self) -> None:
         while True:
             batch = self._next_batch()
-            self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             try:
                 out = self._run(np.stack([image for image, _, _ in batch]), [person for _, person, _ in batch])
             except BaseException as e:   # noqa: BLE001 (each waiting request gets it; the worker lives on)

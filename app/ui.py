@@ -7,9 +7,8 @@ modules (`analysis`, `chat`, `compare`, `history`, `model_card`).
 Tabs: Chat (main screen), Compare, History, Model. The only globals are read-only (the
 predictor, the store handle); per-user things live in gr.State or the database, scoped to
 `request.username` when auth is on. New images (chat and /classify) are analysed by the services'
-model queue, which batches the requests that arrive together into one forward pass: up to
-MAX_BATCH of those events run at once, so that their decoding, drawing and saving overlap the
-model. The Compare tab's explanations share another group and run one at a time.
+model queue, which batches the requests that arrive together into one forward pass: up to 8
+of those events run at once, so that their decoding, drawing and saving overlap the model. The Compare tab's explanations share another group and run one at a time.
 """
 from __future__ import annotations
 
@@ -29,13 +28,13 @@ from .analysis import classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
-from .batching import MAX_BATCH
 from .services import DEFAULT_ALPHA, SAMPLES, Services, remove_on_exit, user_of
 
 log = logging.getLogger("lesionlens")
 
 MODEL = dict(concurrency_id="model", concurrency_limit=1)   # one model call at a time on the CPU
-ANALYSE = dict(concurrency_id="analyse", concurrency_limit=MAX_BATCH)   # batched by ctx.model_queue
+# New images: the model queue serialises the model; 8 events at once overlap its decoding, drawing, saving.
+ANALYSE = dict(concurrency_id="analyse", concurrency_limit=8)
 LIGHT = dict(concurrency_limit=None)                        # store-only: never wait for the model
 
 CSS = """

@@ -11,7 +11,7 @@ Prints three blocks:
      send an image, receive probabilities, overlay and summary; or `chat`: send an image message,
      receive the reply with its overlay) (p50 / p95);
   3. for each --clients N: N concurrent clients doing round trips for D seconds: p50 / p95,
-     throughput, errors, and the batch sizes the model queue ran.
+     throughput, errors, and the app's memory before and after.
 Without --url it starts `python -m app` on a free loopback port with a throw-away history
 database. Without a checkpoint at --checkpoint it benchmarks a random-weight simple_cnn at
 224 px (the timings then say nothing about the bundled model's architecture).

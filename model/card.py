@@ -304,8 +304,8 @@ def _tta_lines(metadata: dict) -> list[str]:
         return []
     served = "the 8 dihedral views (flips and rotations), averaged" if metadata.get("tta") else "the plain view only"
     lines = ["", "### Test-time augmentation", "",
-             f"The app and every command serve {served}: the setting chosen by the rule in docs/RESULTS.md "
-             "(issue 18), from validation accuracy and the app's latency under load (README, Speed).", "",
+             f"The app and every command serve {served} (metadata `tta`). Both benchmarks, with and without, "
+             "as `python -m model benchmark --record --tta` / `--no-tta` stored them:", "",
              "| set | balanced accuracy, 8 views | plain view | malignant AUC, 8 views | plain view |",
              "|---|---|---|---|---|"]
     for r, q in rows:

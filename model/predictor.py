@@ -77,8 +77,12 @@ def forward_and_explain(graphdef, state, images_u8, norm: Normalisation, tta: bo
             saliency.unit_maps(cam, x.shape[1:3]))
 
 
+def views(tta: bool) -> int:
+    return TTA_VIEWS if tta else 1
+
+
 def images_per_call(tta: bool) -> int:
-    return EVAL_BATCH // TTA_VIEWS if tta else EVAL_BATCH
+    return EVAL_BATCH // views(tta)
 
 
 def bucket(n: int, limit: int) -> int:
@@ -91,6 +95,17 @@ def padded(rows: np.ndarray, size: int) -> np.ndarray:
     """`rows` with zero rows (black images) appended up to `size` (their outputs are cut off)."""
     pad = size - len(rows)
     return np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)]) if pad else rows
+
+
+def in_calls(call, per_call: int, *arrays) -> list[np.ndarray]:
+    """`call(*chunks)` on `per_call` rows of `arrays` at a time, each chunk padded to its `bucket`;
+    each output cut back to the real rows and concatenated."""
+    outputs = []
+    for start in range(0, len(arrays[0]), per_call):
+        chunks = [np.asarray(a[start:start + per_call]) for a in arrays]
+        n = len(chunks[0])
+        outputs.append([np.asarray(o)[:n] for o in call(*(padded(c, bucket(n, per_call)) for c in chunks))])
+    return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
 class Predictor:
@@ -112,7 +127,7 @@ class Predictor:
     @property
     def views_per_image(self) -> int:
         """Network passes per image: 8 with test-time augmentation (the dihedral views), else 1."""
-        return TTA_VIEWS if self.metadata.get("tta") else 1
+        return views(bool(self.metadata.get("tta")))
 
     @property
     def uses_clinical(self) -> bool:
@@ -139,14 +154,9 @@ class Predictor:
     def forward_arrays(self, images_u8: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) logits and pooled features for prepared uint8 images, in batches."""
         tta = bool(self.metadata.get("tta", False) if tta is None else tta)
-        per_call = images_per_call(tta)
-        logits, pooled = [], []
-        for start in range(0, len(images_u8), per_call):
-            chunk = np.asarray(images_u8[start:start + per_call])
-            lg, pl = forward(self.graphdef, self.state, padded(chunk, bucket(len(chunk), per_call)), self.norm, tta)
-            logits.append(np.asarray(lg)[:len(chunk)])
-            pooled.append(np.asarray(pl)[:len(chunk)])
-        return np.concatenate(logits), np.concatenate(pooled)
+        logits, pooled = in_calls(lambda u8: forward(self.graphdef, self.state, u8, self.norm, tta),
+                                  images_per_call(tta), images_u8)
+        return logits, pooled
 
     def logits_from_arrays(self, images_u8, tta=None) -> np.ndarray:
         return self.forward_arrays(images_u8, tta)[0]
@@ -216,19 +226,12 @@ class Predictor:
             out["heat"] = np.stack([self.explain(image, class_index=int(c)) for image, c in zip(images, top)])
             return out
         tta = bool(self.metadata.get("tta", False))
-        per_call = images_per_call(tta)
         shift = self.with_clinical(np.zeros((len(images), len(self.classes)), np.float32), people)
-        logits, pooled, heat = [], [], []
-        for start in range(0, len(images), per_call):
-            chunk, n = images[start:start + per_call], len(images[start:start + per_call])
-            size = bucket(n, per_call)
-            lg, pl, ht = forward_and_explain(self.graphdef, self.state, padded(chunk, size), self.norm, tta,
-                                             padded(shift[start:start + n], size), self.default_method)
-            logits.append(np.asarray(lg)[:n])
-            pooled.append(np.asarray(pl)[:n])
-            heat.append(np.asarray(ht, np.float32)[:n])
-        out = self._summary(np.concatenate(logits), np.concatenate(pooled), people)
-        out["heat"] = np.concatenate(heat)
+        logits, pooled, heat = in_calls(
+            lambda u8, s: forward_and_explain(self.graphdef, self.state, u8, self.norm, tta, s, self.default_method),
+            images_per_call(tta), images, shift)
+        out = self._summary(logits, pooled, people)
+        out["heat"] = heat.astype(np.float32)
         return out
 
     def _summary(self, logits, pooled, people) -> dict:

@@ -24,16 +24,19 @@ TUNABLES = ":".join([
 OPT_OUT = "LESIONLENS_KEEP_MALLOC"   # set to anything to skip the restart (debuggers, profilers)
 
 
-def wanted() -> bool:
-    """True where the restart helps and is safe: Linux with glibc >= 2.35 (the `hugetlb` tunable),
-    no GLIBC_TUNABLES of the user's own (never overridden), no opt-out."""
-    if sys.platform != "linux" or os.environ.get("GLIBC_TUNABLES") is not None or os.environ.get(OPT_OUT):
-        return False
+def glibc_has_hugetlb() -> bool:
+    """Linux with glibc >= 2.35, the first with the `hugetlb` tunable."""
     libc, version = platform.libc_ver()
     try:
-        return libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+        return sys.platform == "linux" and libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
     except ValueError:
         return False
+
+
+def wanted() -> bool:
+    """True where the restart helps and is safe: glibc_has_hugetlb(), no GLIBC_TUNABLES of the
+    user's own (never overridden), no opt-out."""
+    return os.environ.get("GLIBC_TUNABLES") is None and not os.environ.get(OPT_OUT) and glibc_has_hugetlb()
 
 
 def use_huge_pages() -> None:

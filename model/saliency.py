@@ -131,12 +131,6 @@ def _baseline(x, baseline):
 # ---------------------------------------------------------------------------------------------
 # input gradients
 
-def grad_cam(model, x, class_index) -> jax.Array:
-    """Grad-CAM: ReLU of the last feature map weighted by spatially averaged gradients -> (B, h, w)."""
-    x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "gradcam")
-
-
 @nnx.jit
 def _input_gradients(model, x, ci):
     return jnp.abs(_input_grad(model, x, ci)).max(axis=-1)
@@ -339,22 +333,18 @@ def _cam(model, x, ci, method):
     return cam_and_logits(model, x, ci, method)[0]
 
 
-def hires_cam(model, x, class_index) -> jax.Array:
-    """HiResCAM on the last feature map: faithful to what the head sums, as coarse as Grad-CAM."""
+def class_activation_map(model, x, class_index, method: str = "gradcam") -> jax.Array:
+    """The CAM_METHODS map `method` -> (B, h, w) at its stage's resolution (the finest, fused)."""
     x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "hirescam")
+    return _cam(model, x, ci, method)
 
 
-def grad_cam_fused(model, x, class_index) -> jax.Array:
-    """Grad-CAM on each of the last CAM_STAGES stages, fused: sharper than the last map alone."""
-    x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "gradcam_fused")
-
-
-def layer_cam(model, x, class_index) -> jax.Array:
-    """LayerCAM (Jiang et al. 2021) on the last CAM_STAGES stages, fused (B, h, w) at the finest."""
-    x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, "layercam")
+# Grad-CAM (Selvaraju et al. 2017) and HiResCAM (Draelos & Carin 2020) on the last feature map; Grad-CAM
+# and LayerCAM (Jiang et al. 2021) on the last CAM_STAGES stages, fused.
+grad_cam = partial(class_activation_map, method="gradcam")
+hires_cam = partial(class_activation_map, method="hirescam")
+grad_cam_fused = partial(class_activation_map, method="gradcam_fused")
+layer_cam = partial(class_activation_map, method="layercam")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def run_child(**env_changes):
 
 
 def test_restart_sets_the_tunables_and_cuts_page_faults():
-    if not runtime.wanted() and "GLIBC_TUNABLES" not in os.environ and not os.environ.get(runtime.OPT_OUT):
+    if not runtime.glibc_has_hugetlb():
         pytest.skip("not Linux with glibc >= 2.35: use_huge_pages() does nothing here")
     if not THP.exists() or "[never]" in THP.read_text():
         pytest.skip("transparent huge pages are off on this machine")
