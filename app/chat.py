@@ -17,7 +17,7 @@ from model.errors import UserError
 
 from .analysis import classify_path, uncertainty_warnings
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
-from .services import Services, md_escape, overlay, sample_truth, write_png
+from .services import HEATMAP_LEGEND, Services, md_escape, overlay, sample_truth, write_png
 from .store import MAX_NOTE_CHARS, NotStored, check_note
 
 log = logging.getLogger("lesionlens")
@@ -101,7 +101,7 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     lines.append("")
     label = METHOD_LABELS.get(predictor.default_method, predictor.default_method)
     lines.append(f"{label} below shows where the model looked for **{names.get(case.top_class)}**. "
-                 "Type `help` for more explanations.")
+                 f"{HEATMAP_LEGEND} Type `help` for more explanations.")
     lines.append("")
     lines.append(CAVEAT)
     return "\n".join(lines)
@@ -255,7 +255,7 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
                    "in the image speaks *for* it; weak or scattered heat means little evidence.")
     else:
         msg = f"{label} for **{name}** ({prob:.1%}) on case #{case.id}."
-    return [text_message(msg), image_message(png, f"{label} overlay for {name}")]
+    return [text_message(f"{msg} {HEATMAP_LEGEND}"), image_message(png, f"{label} overlay for {name}")]
 
 
 def open_case_in_chat(ctx: Services, case_id, history, user: str):

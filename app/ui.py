@@ -28,7 +28,7 @@ from .analysis import classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
-from .services import DEFAULT_ALPHA, SAMPLES, Services, remove_on_exit, user_of
+from .services import DEFAULT_ALPHA, HEATMAP_LEGEND, SAMPLES, Services, remove_on_exit, user_of
 
 log = logging.getLogger("lesionlens")
 
@@ -287,6 +287,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                     with gr.Column(scale=3):
                         gallery = gr.Gallery(label="Overlays", columns=4, height=300,
                                              object_fit="contain", elem_id="compare-gallery")
+                        gr.Markdown(HEATMAP_LEGEND)
                         pick = gr.Dropdown(label="Before / after: which overlay", choices=[])
                         slider = gr.ImageSlider(label="Raw image ↔ overlay", type="numpy",
                                                 interactive=False, height=420)

@@ -348,12 +348,16 @@ def test_too_many_files_are_capped_with_a_message(ctx, tmp_path):
 
 
 def test_follow_up_commands(ctx):
+    from app.services import HEATMAP_LEGEND
     history, state = _chat(ctx, "", [SAMPLE])
     p = ctx.predictor
+    assert HEATMAP_LEGEND in _assistant_texts(history)[-1]   # every overlay says what its colours mean
+    assert "hottest 10 %" in HEATMAP_LEGEND
     history, state = _chat(ctx, "help", history=history, state=state)
     assert "why not nevus" in _assistant_texts(history)[-1]
     history, state = _chat(ctx, "show occlusion", history=history, state=state)
     assert _assistant_texts(history)[-1].startswith("Occlusion for")
+    assert _assistant_texts(history)[-1].endswith(HEATMAP_LEGEND)
     assert Path(_assistant_images(history)[-1]).exists()
     history, state = _chat(ctx, "why not nevus?", history=history, state=state)
     nv = ctx.store.get_case(state["case_id"]).predictions["nv"]
