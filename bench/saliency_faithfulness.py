@@ -18,8 +18,10 @@ Near 0 is what a faithful method gives; near 1 means the map shows the image, no
   (insertion: should rise fast, high AUC), against a random pixel order and the centred Gaussian.
   These measure faithfulness to the model; the mask scores only plausibility.
 
-Masks go through the predictor's own square view (`to_square` with the checkpoint's resize mode),
-so they line up with the maps pixel for pixel. Prints a Markdown table; --out writes JSON.
+The mask scores are taken in each image's own frame: every map (and both Gaussians, drawn in the
+model's square view) is placed on the image's pixels through the crop and resize the preprocessing
+made, as `Predictor.explain(image, frame="image")` and the app's overlays do; deletion, insertion
+and randomisation work in the model's view, where the model sees the pixels. Prints a Markdown table; --out writes JSON.
 """
 import argparse
 import csv
@@ -32,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flax import nnx  # noqa: E402
 
 from model import saliency  # noqa: E402
-from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
 
@@ -151,11 +153,20 @@ def pick_images(data: Path, split: Path | None, split_name: str, n: int, seed: i
     return [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
 
 
-def load_masks(data: Path, ids: list[str], size: int, resize: str) -> np.ndarray:
-    # Each mask is cut exactly as its image was (a field-of-view crop is found on the image, not the mask).
-    masks = [to_square(data / "masks" / f"{i}_segmentation.png", size,
-                       box=square_box(load_image(data / "images" / f"{i}.jpg"), resize))[..., 0] >= 128 for i in ids]
-    return np.stack(masks)
+def load_masks(data: Path, ids: list[str]) -> list[np.ndarray]:
+    """Each lesion mask at its image's own size (H, W), bool: the frame the maps are scored in."""
+    return [np.asarray(Image.open(data / "masks" / f"{i}_segmentation.png").convert("L")) >= 128 for i in ids]
+
+
+def in_image_frame(p, maps: np.ndarray, paths: list[Path]) -> list[np.ndarray]:
+    """Model-view maps (B, S, S) on their images' own pixels, as `Predictor.explain(frame="image")`
+    and the app's overlays place them (through the crop and resize the preprocessing made)."""
+    return [p.to_image_frame(m, path) for m, path in zip(maps, paths)]
+
+
+def per_image(score, maps: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    """A (B, H, W) metric applied image by image: frames may differ in size between images."""
+    return np.array([score(m[None], k[None])[0] for m, k in zip(maps, masks)])
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -208,21 +219,22 @@ def run(args) -> dict:
     p = Predictor.load(args.checkpoint)
     size, resize = p.image_size, p.metadata.get("resize", "squash")
     ids = pick_images(args.data, args.split, args.split_name, args.n, args.seed)
-    images = p.prepare([args.data / "images" / f"{i}.jpg" for i in ids])
-    masks = load_masks(args.data, ids, size, resize)
+    paths = [args.data / "images" / f"{i}.jpg" for i in ids]
+    images = p.prepare(paths)
+    masks = load_masks(args.data, ids)
     ci = class_indices(p, images, ids, args.target, args.data)
     x = np.asarray(preprocess(jnp.asarray(images), p.norm))
 
-    area = masks.mean(axis=(1, 2))
-    gauss = np.broadcast_to(centred_gaussian(size, float(np.median(area))), masks.shape)
-    rows = {
-        "chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)},
-        "centred Gaussian": {"energy_in_mask": summarise(energy_in_mask(gauss, masks)),
-                             "pointing": summarise(pointing_game(gauss, masks))},
-    }
-    gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), masks.shape)
-    rows["centred Gaussian (sigma 0.15)"] = {"energy_in_mask": summarise(energy_in_mask(gauss15, masks)),
-                                             "pointing": summarise(pointing_game(gauss15, masks))}
+    # Mask scores in each image's own frame; both Gaussians are drawn in the model's square view
+    # (what "sigma 0.15 of the side" means there) and placed in the frame like every map.
+    area = np.array([m.mean() for m in masks])
+    gauss = np.broadcast_to(centred_gaussian(size, float(np.median(area))), (len(ids), size, size))
+    gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), (len(ids), size, size))
+    rows = {"chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)}}
+    for name, g in (("centred Gaussian", gauss), ("centred Gaussian (sigma 0.15)", gauss15)):
+        framed = in_image_frame(p, g, paths)
+        rows[name] = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
+                      "pointing": summarise(per_image(pointing_game, framed, masks))}
     random_model = None
     if not args.no_randomisation:
         md = p.metadata
@@ -233,10 +245,11 @@ def run(args) -> dict:
     for method in args.methods:
         maps, sec = explain_all(p.model, x, ci, method, args.batch)
         maps_by_name[method] = maps
-        # The batched path must be what the app sees: p.explain on the first image.
-        same = np.abs(p.explain(images[0], method=method, class_index=int(ci[0])) - maps[0]).max()
-        row = {"energy_in_mask": summarise(energy_in_mask(maps, masks)),
-               "pointing": summarise(pointing_game(maps, masks)),
+        framed = in_image_frame(p, maps, paths)
+        # The batched path must be what the app sees: p.explain(frame="image") on the first image.
+        same = np.abs(p.explain(paths[0], method=method, class_index=int(ci[0]), frame="image") - framed[0]).max()
+        row = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
+               "pointing": summarise(per_image(pointing_game, framed, masks)),
                "seconds_per_image": sec, "max_abs_diff_vs_predictor_explain": float(same),
                "blank_maps": int((maps.max(axis=(1, 2)) == 0).sum())}
         if random_model is not None:

@@ -328,3 +328,37 @@ def test_one_pass_prediction_and_map_equal_the_two_separate_calls(tmp_path, tta)
     assert both["heat"].shape == (3, SIZE, SIZE)
     for image, c, heat in zip(batch, top, both["heat"]):
         np.testing.assert_allclose(heat, p.explain(image, class_index=int(c)), atol=1e-5)
+
+
+@pytest.mark.parametrize("resize", ["squash", "center"])
+def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resize):
+    """The whole bench on a HAM10000-shaped folder of wide images: masks are read at the image's own
+    size and every map placed there as the app does. Known answers: a mask of the left half holds half
+    of any centred, mirror-symmetric map (both Gaussians; 0 outside a centre crop on both sides), and
+    the batched maps equal `Predictor.explain(frame="image")`."""
+    import json
+    from PIL import Image
+    from test_app import make_tiny_checkpoint
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE, resize=resize)
+    data = tmp_path / "ham"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    ids = [f"ISIC_00000{i}" for i in range(3)]
+    mask = np.zeros((36, 48), np.uint8)
+    mask[:, :24] = 255
+    for i in ids:
+        Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)).save(data / "images" / f"{i}.jpg")
+        Image.fromarray(mask).save(data / "masks" / f"{i}_segmentation.png")
+    (data / "HAM10000_metadata.csv").write_text("image_id,dx\n" + "".join(f"{i},nv\n" for i in ids))
+    out = tmp_path / "result.json"
+    assert _bench().main([str(ckpt), "--data", str(data), "--n", "3", "--n-faithfulness", "2",
+                          "--methods", "gradcam", "layercam", "--no-randomisation", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["chance (mask area)"]["energy_in_mask"]["mean"] == pytest.approx(0.5)
+    for gaussian in ("centred Gaussian", "centred Gaussian (sigma 0.15)"):
+        assert rows[gaussian]["energy_in_mask"]["mean"] == pytest.approx(0.5, abs=1e-3)
+    for method in ("gradcam", "layercam"):
+        assert rows[method]["max_abs_diff_vs_predictor_explain"] < 1e-5
+        assert 0.0 <= rows[method]["energy_in_mask"]["mean"] <= 1.0
+        assert rows[method]["deletion_auc"]["mean"] is not None
