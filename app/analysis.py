@@ -99,7 +99,7 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
     except UserError as e:  # name the file as the user knows it, not Gradio's temp path
         raise UserError(_strip_path(str(e), path)) from None
     result = analyse(ctx, image, parse_clinical(note))
-    over, _ = overlay(ctx.predictor, image, result.prepared, heat=result.heat)
+    over, _ = overlay(ctx, image, result.prepared, heat=result.heat)
     png = write_png(ctx, over, f"gradcam-{Path(filename).stem}")
     p = ctx.predictor
     case = ctx.store.add_case(

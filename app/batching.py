@@ -2,11 +2,13 @@
 
     queue = ModelQueue(predictor.analyse_and_explain, max_batch=batch_limit(predictor))
     row = queue.submit(prepared, clinical)   # blocks; this image's row of its batch's outputs
+    heat = queue.call(predictor.explain, prepared, method="occlusion")   # in turn with the batches
 
 One worker thread makes every model call. While it runs a batch, new requests wait in the queue,
 and the next batch takes all of them (up to max_batch): a lone request starts at once, with no
 timer to wait out, and under load the batches grow by themselves. One thread on the model also
-keeps concurrent requests from fighting over the cores.
+keeps concurrent requests from fighting over the cores; one-off model work (a follow-up's
+occlusion map, a Compare panel) takes its turn between batches through `call`.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class ModelQueue:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._start = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._busy = threading.Lock()   # held by every model call: batches and `call`s take turns
 
     def submit(self, image: np.ndarray, person=None) -> dict:
         """This image's outputs (one row of each array); raises what the model call raised."""
@@ -44,6 +47,12 @@ class ModelQueue:
         done: Future = Future()
         self._requests.put((image, person, done))
         return done.result()
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), run when no other model call is running: eight people asking for
+        occlusion maps at once get them one after another, not eight at a time on two cores."""
+        with self._busy:
+            return fn(*args, **kwargs)
 
     def _ensure_worker(self) -> None:
         with self._start:
@@ -64,7 +73,8 @@ class ModelQueue:
         while True:
             batch = self._next_batch()
             try:
-                out = self._run(np.stack([image for image, _, _ in batch]), [person for _, person, _ in batch])
+                with self._busy:
+                    out = self._run(np.stack([image for image, _, _ in batch]), [person for _, person, _ in batch])
             except BaseException as e:   # noqa: BLE001 (each waiting request gets it; the worker lives on)
                 for _, _, done in batch:
                     done.set_exception(e)

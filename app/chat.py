@@ -229,7 +229,7 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
     method = cmd.method or p.default_method
     ci = cmd.class_index if cmd.class_index is not None else int(
         p.classes.index(case.top_class))
-    over, _ = overlay(p, image, prepared[0], method, ci)
+    over, _ = overlay(ctx, image, prepared[0], method, ci)
     name, prob = p.class_names[ci], case.predictions.get(p.classes[ci], 0.0)
     label = METHOD_LABELS.get(method, method)
     png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}", case.id)
@@ -268,7 +268,7 @@ def open_case_in_chat(ctx: Services, case_id, history, user: str):
     p = ctx.predictor
     image = case.load_image()
     ci = p.classes.index(case.top_class)
-    over, _ = overlay(p, image, p.prepare([image])[0], None, ci)
+    over, _ = overlay(ctx, image, p.prepare([image])[0], None, ci)
     png = write_png(ctx, over, f"{p.default_method}-case{case.id}", case.id)
     history.append(text_message(f"Opened case #{case.id} from history.", "user"))
     same_model = case.checkpoint_id == p.checkpoint_id

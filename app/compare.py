@@ -11,7 +11,7 @@ from model import render
 from model.errors import UserError
 
 from .commands import METHOD_LABELS
-from .services import Services, blend, display_image, heat_on_display, write_png
+from .services import Services, blend, display_image, explain, heat_on_display, write_png
 
 COMPARE_METHODS = ("gradcam", "layercam", "gradcam_fused", "hirescam", "integrated_gradients", "smoothgrad",
                    "occlusion")
@@ -51,12 +51,12 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
         codes = [c for c in (class_codes or []) if c in p.classes] or [case.top_class]
         for code in codes:
             ci = p.classes.index(code)
-            heat = heat_on_display(p, p.explain(prepared, method=methods[0], class_index=ci), image, shown)
+            heat = heat_on_display(p, explain(ctx, prepared, methods[0], ci), image, shown)
             items.append((f"{METHOD_LABELS[methods[0]]} · {p.class_names[ci]} "
                           f"({case.predictions.get(code, 0):.0%})", heat))
     else:
         for m in methods:
-            heat = heat_on_display(p, p.explain(prepared, method=m, class_index=top), image, shown)
+            heat = heat_on_display(p, explain(ctx, prepared, m, top), image, shown)
             items.append((f"{METHOD_LABELS[m]} · {p.class_names[top]} "
                           f"({case.predictions[case.top_class]:.0%})", heat))
     return {"case_id": case.id, "items": items}

@@ -2,7 +2,7 @@
 helpers that turn a heat map into something to show or download.
 
     ctx = Services(Predictor.load("checkpoints/default"), CaseStore("history/cases.db"))
-    png = write_png(ctx, overlay(ctx.predictor, image, prepared, "gradcam", 4)[0], "gradcam-mel")
+    png = write_png(ctx, overlay(ctx, image, prepared, "gradcam", 4)[0], "gradcam-mel")
 
 Handlers are plain functions in `analysis`, `chat`, `compare`, `history` and `model_card`:
 each gets the services (read-only), the per-session state and the user name, and returns new
@@ -170,13 +170,19 @@ def heat_on_display(predictor, heat: np.ndarray, image: Image.Image, shown: np.n
     return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]))
 
 
-def overlay(predictor, image: Image.Image, prepared: np.ndarray, method: str | None = None,
+def explain(ctx: Services, prepared: np.ndarray, method: str | None = None, class_index: int | None = None):
+    """One prepared image's map (S, S), computed in turn with every other model call (the queue's)."""
+    return ctx.model_queue.call(ctx.predictor.explain, prepared, method=method, class_index=class_index)
+
+
+def overlay(ctx: Services, image: Image.Image, prepared: np.ndarray, method: str | None = None,
             class_index: int | None = None, alpha: float = DEFAULT_ALPHA, heat=None):
-    """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image."""
+    """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image; `heat` when
+    already computed (the analysis pass makes the default map), else `method`'s map."""
     if heat is None:
-        heat = predictor.explain(prepared, method=method, class_index=class_index)
+        heat = explain(ctx, prepared, method, class_index)
     shown = display_image(image)
-    return blend(shown, heat_on_display(predictor, heat, image, shown), alpha), heat
+    return blend(shown, heat_on_display(ctx.predictor, heat, image, shown), alpha), heat
 
 
 def sample_truth(case) -> str | None:

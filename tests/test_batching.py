@@ -62,3 +62,33 @@ def test_a_tta_model_takes_one_image_per_call(views, limit):
     class Predictor:
         views_per_image = views
     assert batch_limit(Predictor()) == limit
+
+
+def test_one_off_calls_take_turns_with_the_batches():
+    """`call` (a follow-up's occlusion map, a Compare panel) never runs while a batch or another call
+    runs: eight of them at once run one after another."""
+    running, overlaps, lock = [0], [], threading.Lock()
+
+    def busy(tag):
+        with lock:
+            running[0] += 1
+            overlaps.append(running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return tag
+
+    def model(images, people):
+        busy("batch")
+        return {"n": np.zeros(len(images))}
+
+    queue = ModelQueue(model, max_batch=2)
+    results = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, queue.call(busy, i))) for i in range(8)]
+    threads += [threading.Thread(target=queue.submit, args=(np.zeros((4, 4, 3), np.uint8),)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == list(range(8))
+    assert len(overlaps) >= 8 + 2 and max(overlaps) == 1
