@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flax import nnx  # noqa: E402
 
 from model import saliency  # noqa: E402
+from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
 
@@ -77,6 +78,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic)
 
 
+LESION_REFERENCE = "lesion mask (reference)"
 DELETION_STEPS = 16  # fractions 0, 1/16, ..., 1 of the pixels removed (or inserted)
 
 
@@ -156,6 +158,14 @@ def pick_images(data: Path, split: Path | None, split_name: str, n: int, seed: i
 def load_masks(data: Path, ids: list[str]) -> list[np.ndarray]:
     """Each lesion mask at its image's own size (H, W), bool: the frame the maps are scored in."""
     return [np.asarray(Image.open(data / "masks" / f"{i}_segmentation.png").convert("L")) >= 128 for i in ids]
+
+
+def masks_in_model_view(data: Path, ids: list[str], size: int, resize: str) -> np.ndarray:
+    """Each mask cut exactly as its image was for the model (a field-of-view crop is found on the
+    image, not the mask) -> bool (B, S, S): the lesion as a map, for the deletion reference row."""
+    return np.stack([to_square(data / "masks" / f"{i}_segmentation.png", size,
+                               box=square_box(load_image(data / "images" / f"{i}.jpg"), resize))[..., 0] >= 128
+                     for i in ids])
 
 
 def in_image_frame(p, maps: np.ndarray, paths: list[Path]) -> list[np.ndarray]:
@@ -258,6 +268,10 @@ def run(args) -> dict:
         rows[method] = row
         print(f"  {method}: {sec:.2f} s/image", file=sys.stderr)
 
+    # The lesion itself as a map (faithfulness only; its mask scores are 1 by construction): if
+    # deleting the lesion first moves the prediction less than a method's order does, the model's
+    # evidence is not only in the lesion, and no faithful map can sit wholly inside it.
+    maps_by_name[LESION_REFERENCE] = masks_in_model_view(args.data, ids, size, resize).astype(np.float32)
     p.model.eval()
     faithful = faithfulness_rows(p, x[:args.n_faithfulness], ci[:args.n_faithfulness],
                                  {k: v[:args.n_faithfulness] for k, v in maps_by_name.items()}, args.seed)
@@ -317,7 +331,9 @@ def markdown(result: dict) -> str:
                  "(Adebayo et al. 2018); a method near 1 ignores the weights. Deletion / insertion "
                  f"(Petsiuk et al. 2018) on the first {result['n_faithfulness']} images, {result['deletion_steps']} "
                  "steps, pixels replaced by a blurred copy: deletion lower is better, insertion higher; "
-                 "the baselines are the random pixel order and the centred Gaussian.")
+                 "the baselines are the random pixel order and the centred Gaussian. The lesion mask "
+                 "row deletes (or inserts) the lesion's pixels first: how much the model's evidence lies "
+                 "in the lesion.")
     return "\n".join(lines)
 
 

@@ -362,3 +362,5 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
         assert rows[method]["max_abs_diff_vs_predictor_explain"] < 1e-5
         assert 0.0 <= rows[method]["energy_in_mask"]["mean"] <= 1.0
         assert rows[method]["deletion_auc"]["mean"] is not None
+    reference = rows["lesion mask (reference)"]          # faithfulness only: never a candidate default
+    assert reference["deletion_auc"]["mean"] is not None and "energy_in_mask" not in reference
