@@ -653,18 +653,20 @@ def load_dataset(source, split=None) -> Dataset:
     if meta:
         return load_dataset(meta[0], split)
     if challenge:
-        if split is not None:
-            raise UserError(f"{path}: an ISIC challenge CSV has no split column, so split={split!r} cannot be "
-                            "applied; leave it out (training makes a lesion-grouped split).")
+        _refuse_split(path, split, "an ISIC challenge CSV")
         return _read_challenge_folder(path, challenge[0], csvs)
     if labelled:
         return read_labelled_csv(labelled[0], split)
     if archive:
-        if split is not None:
-            raise UserError(f"{path}: an ISIC archive download has no split column, so split={split!r} cannot be "
-                            "applied; leave it out (training makes a lesion-grouped split).")
+        _refuse_split(path, split, "an ISIC archive download")
         return read_isic_archive(archive[0])
     return read_class_folders(path, split)
+
+
+def _refuse_split(path: Path, split, layout: str) -> None:
+    if split is not None:
+        raise UserError(f"{path}: {layout} has no split column, so split={split!r} cannot be "
+                        "applied; leave it out (training makes a lesion-grouped split).")
 
 
 def parse_source(spec: str) -> tuple[str, str, list[str]]:
