@@ -26,6 +26,8 @@ METHODS = {
     "smoothgrad": ("smoothgrad", "smooth grad", "smooth-grad", "smooth gradients", "smooth"),
     "occlusion": ("occlusion", "occlude", "occluded", "sliding window"),
     "gradcam": ("grad-cam", "gradcam", "grad cam", "cam", "heatmap", "heat map"),
+    "gradcampp": ("grad-cam plus plus", "gradcam plus plus", "grad cam plus plus", "gradcampp", "gradcam pp",
+                  "grad-cam pp"),
     "gradcam_fused": ("fused grad-cam", "fused gradcam", "fused grad cam", "multi-stage grad-cam", "fused"),
     "hirescam": ("hirescam", "hires-cam", "hires cam", "high-resolution cam", "high resolution cam"),
     "layercam": ("layercam", "layer-cam", "layer cam"),
@@ -37,6 +39,7 @@ METHOD_LABELS = {
     "gradcam_fused": "Fused Grad-CAM",
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
+    "gradcampp": "Grad-CAM++",
     "gradients": "Input gradients",
     "smoothgrad": "SmoothGrad",
     "integrated_gradients": "Integrated Gradients",
@@ -73,7 +76,7 @@ class Command:
 
 
 def _norm(text: str) -> str:
-    text = text.lower().replace("’", "'")
+    text = text.lower().replace("’", "'").replace("++", " plus plus ")   # "Grad-CAM++"
     text = re.sub(r"[^a-z0-9'_\- ]+", " ", text)
     return " " + re.sub(r"\s+", " ", text).strip() + " "
 

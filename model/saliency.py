@@ -13,6 +13,8 @@ size and scales each to [0, 1].
 Methods, and what each one is good for:
 - gradcam: Grad-CAM (Selvaraju et al. 2017) on the last conv feature map; coarse, class-specific.
 - hirescam: HiResCAM (Draelos & Carin 2020): gradient x activation per position on the last map.
+- gradcampp: Grad-CAM++ (Chattopadhay et al. 2018): Grad-CAM whose channel weights count each
+  position's positive gradient, so several separate parts of the evidence all show.
 - gradcam_fused / layercam: Grad-CAM or LayerCAM (Jiang et al. 2021) on the last three resolution
   stages (5x5, 10x10 and 20x20 for EfficientNet-Lite0 at 160 px), fused in one forward and one
   backward pass: the coarse map says which region, the finer ones where inside it.
@@ -273,6 +275,7 @@ CAM_STAGES = 3
 CAM_METHODS = {
     "gradcam": ("gradcam", 1),
     "hirescam": ("hirescam", 1),
+    "gradcampp": ("gradcampp", 1),
     "gradcam_fused": ("gradcam", CAM_STAGES),
     "layercam": ("layercam", CAM_STAGES),
 }
@@ -304,6 +307,11 @@ def _stage_cam(a, g, rule: str):
         return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))))
     if rule == "hirescam":     # Draelos & Carin 2020: gradient times activation, per position
         return jax.nn.relu((a * g).sum(-1))
+    if rule == "gradcampp":    # Chattopadhay et al. 2018, closed form for an exponentiated class score
+        g2 = g * g
+        denominator = 2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g2 * g
+        alpha = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1.0), 0.0)
+        return jax.nn.relu(jnp.einsum("bhwc,bc->bhw", a, (alpha * jax.nn.relu(g)).sum(axis=(1, 2))))
     if rule == "layercam":     # Jiang et al. 2021: positive gradients weight each position
         return jax.nn.relu((jax.nn.relu(g) * a).sum(-1))
     raise ValueError(f"unknown CAM rule {rule!r}")
@@ -339,10 +347,12 @@ def class_activation_map(model, x, class_index, method: str = "gradcam") -> jax.
     return _cam(model, x, ci, method)
 
 
-# Grad-CAM (Selvaraju et al. 2017) and HiResCAM (Draelos & Carin 2020) on the last feature map; Grad-CAM
+# Grad-CAM (Selvaraju et al. 2017), HiResCAM (Draelos & Carin 2020) and Grad-CAM++ (Chattopadhay et al.
+# 2018) on the last feature map; Grad-CAM
 # and LayerCAM (Jiang et al. 2021) on the last CAM_STAGES stages, fused.
 grad_cam = partial(class_activation_map, method="gradcam")
 hires_cam = partial(class_activation_map, method="hirescam")
+grad_cam_pp = partial(class_activation_map, method="gradcampp")
 grad_cam_fused = partial(class_activation_map, method="gradcam_fused")
 layer_cam = partial(class_activation_map, method="layercam")
 
@@ -353,6 +363,7 @@ layer_cam = partial(class_activation_map, method="layercam")
 METHODS = {
     "gradcam": grad_cam,
     "hirescam": hires_cam,
+    "gradcampp": grad_cam_pp,
     "gradcam_fused": grad_cam_fused,
     "layercam": layer_cam,
     "gradients": input_gradients,

@@ -834,6 +834,7 @@ def test_parse_follow_up_commands():
         "show integrated gradients": ("method", "integrated_gradients", None),
         "Show SmoothGrad": ("method", "smoothgrad", None),
         "show occlusion": ("method", "occlusion", None),
+        "show Grad-CAM++": ("method", "gradcampp", None), "show grad-cam": ("method", "gradcam", None),
         "gradients": ("method", "gradients", None),
         "explain melanoma": ("explain", None, 4),
         "why not nevus?": ("why_not", None, 5),

@@ -77,7 +77,7 @@ def test_every_method_any_class_gives_unit_maps(cnn, images, method):
         assert np.all((np.abs(peaks - 1) < 1e-6) | (peaks == 0))
     raw = saliency.METHODS[method](cnn, images, 1 - top, **kw)
     # CAMs live on the feature maps: the last (8x8), or the finest of the last three stages (32x32)
-    cam_shapes = {"gradcam": (2, 8, 8), "hirescam": (2, 8, 8), "gradcam_fused": (2, 32, 32), "layercam": (2, 32, 32)}
+    cam_shapes = {"gradcam": (2, 8, 8), "hirescam": (2, 8, 8), "gradcampp": (2, 8, 8), "gradcam_fused": (2, 32, 32), "layercam": (2, 32, 32)}
     assert raw.shape == cam_shapes.get(method, (2, SIZE, SIZE))
 
 
@@ -129,6 +129,28 @@ def test_smoothgrad_is_reproducible_and_key_dependent(cnn, images):
     c = np.asarray(saliency.smoothgrad(cnn, images, 0, key=jax.random.key(7), **kw))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_grad_cam_pp_weights_written_out():
+    """Grad-CAM++'s channel weights (Chattopadhay et al. 2018, eq. 19 with exp(score)), written out in
+    numpy loop by loop, against the vectorised rule, on activations and gradients of mixed sign."""
+    rng = np.random.default_rng(4)
+    a = np.abs(rng.normal(size=(2, 3, 3, 4))).astype(np.float32)
+    g = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+    g[0, 1, 1, 2] = 0.0                                   # a zero gradient: alpha is 0 there, not NaN
+    expected = np.zeros((2, 3, 3), np.float32)
+    for b in range(2):
+        weights = np.zeros(4)
+        for c in range(4):
+            for i in range(3):
+                for j in range(3):
+                    gij = g[b, i, j, c]
+                    denominator = 2 * gij ** 2 + a[b, :, :, c].sum() * gij ** 3
+                    alpha = gij ** 2 / denominator if denominator != 0 else 0.0
+                    weights[c] += alpha * max(gij, 0.0)
+        expected[b] = np.maximum((a[b] * weights).sum(-1), 0.0)
+    np.testing.assert_allclose(saliency._stage_cam(jnp.asarray(a), jnp.asarray(g), "gradcampp"), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["gradients", "smoothgrad", "integrated_gradients", "occlusion", "hirescam",
