@@ -40,8 +40,8 @@ DEFAULT_ALPHA = 0.5
 CONTOUR_PERCENT = 10     # outline the hottest 10 % of the map
 # Said beside every overlay: the colours alone do not tell a newcomer which end is "more".
 HEATMAP_LEGEND = (f"Red and yellow mark the strongest evidence, green and blue weaker evidence, untinted "
-                  f"skin none; the white line outlines the hottest {CONTOUR_PERCENT} % of the map. It shows "
-                  "what the model used, not where the lesion is.")
+                  f"skin the least; the white line outlines the hottest {CONTOUR_PERCENT} % of the map. It "
+                  "shows what the model used, not where the lesion is.")
 TMP_MAX_AGE_S = 3600     # overlay PNGs are copied into Gradio's cache at once; ours can go
 PRUNE_EVERY_S = 60       # look for old ones at most this often: a look stats every file there
 

@@ -179,6 +179,20 @@ def test_unit_scaling_handles_blank_and_spiky_maps():
     assert (unit[2] == 1).mean() == pytest.approx(0.01, abs=0.01)  # only the top ~1 % saturates
 
 
+def test_unit_scaling_takes_the_floor_off_and_keeps_every_pixels_order():
+    """A map plus a constant is the same map: the least salient pixel scales to 0, and the order of the
+    pixels (all that pointing game, randomisation and deletion/insertion read) is the raw map's."""
+    raw = jax.random.uniform(jax.random.key(5), (2, 8, 8))
+    lifted = np.asarray(saliency.unit_maps(raw + 3.0, size=(8, 8)))
+    np.testing.assert_allclose(lifted, np.asarray(saliency.unit_maps(raw, size=(8, 8))), atol=1e-5)
+    assert np.allclose(lifted.min(axis=(1, 2)), 0.0)
+    flat = np.asarray(raw).reshape(2, -1)
+    unsaturated = lifted.reshape(2, -1) < 1
+    for r, u, keep in zip(flat, lifted.reshape(2, -1), unsaturated):
+        assert (np.diff(u[keep][np.argsort(r[keep])]) >= 0).all()   # same order below the saturated top
+    assert (np.asarray(saliency.unit_maps(jnp.full((1, 4, 4), 2.0), size=(4, 4))) == 0).all()   # flat: no evidence
+
+
 def test_refuses_train_mode_and_unknown_methods(images):
     model = build("simple_cnn", 2)
     model.train()
