@@ -347,9 +347,9 @@ def class_activation_map(model, x, class_index, method: str = "gradcam") -> jax.
     return _cam(model, x, ci, method)
 
 
-# Grad-CAM (Selvaraju et al. 2017), HiResCAM (Draelos & Carin 2020) and Grad-CAM++ (Chattopadhay et al.
-# 2018) on the last feature map; Grad-CAM
-# and LayerCAM (Jiang et al. 2021) on the last CAM_STAGES stages, fused.
+# Grad-CAM (Selvaraju et al. 2017), HiResCAM (Draelos & Carin 2020) and Grad-CAM++ (Chattopadhay et
+# al. 2018) on the last feature map; Grad-CAM and LayerCAM (Jiang et al. 2021) on the last CAM_STAGES
+# stages, fused.
 grad_cam = partial(class_activation_map, method="gradcam")
 hires_cam = partial(class_activation_map, method="hirescam")
 grad_cam_pp = partial(class_activation_map, method="gradcampp")
