@@ -400,3 +400,17 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
         assert rows[method]["deletion_auc"]["mean"] is not None
     reference = rows["lesion mask (reference)"]          # faithfulness only: never a candidate default
     assert reference["deletion_auc"]["mean"] is not None and "energy_in_mask" not in reference
+
+
+@pytest.mark.parametrize("method", list(saliency.CAM_METHODS) + ["gradients"])
+def test_predictor_explain_equals_the_saliency_module(tmp_path, images, method):
+    """`Predictor.explain` (plain jax.jit on the split model for the CAMs) gives saliency.explain's map."""
+    from test_app import make_tiny_checkpoint
+    from model.predictor import Predictor
+    from model.preprocess import preprocess
+    p = Predictor.load(make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE))
+    image = np.asarray((images[0] - images[0].min()) / (images[0].max() - images[0].min()) * 255, np.uint8)
+    x = preprocess(jnp.asarray(p.prepare([image])), p.norm)
+    for c in (2, 4):
+        expected = saliency.explain(p.model, x, jnp.asarray([c]), method=method)[0]
+        np.testing.assert_allclose(p.explain(image, method, class_index=c), expected, atol=1e-5)
