@@ -197,6 +197,17 @@ def explain_all(model, x_all, ci_all, method: str, batch: int) -> tuple[np.ndarr
     return np.concatenate(maps), (time.perf_counter() - start) / len(x_all)
 
 
+def single_map_ms(p, path: Path, method: str, class_index: int, calls: int = 7) -> float:
+    """Median wall time of `Predictor.explain(path, method)` for one image, as the app's follow-ups
+    call it (image read and prepared included), after two warm-up calls (compilation)."""
+    times = []
+    for i in range(calls + 2):
+        start = time.perf_counter()
+        p.explain(path, method=method, class_index=class_index)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[2:]) * 1000)
+
+
 @nnx.jit
 def _logits(model, x):
     return model(x)
@@ -261,6 +272,7 @@ def run(args) -> dict:
         row = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
                "pointing": summarise(per_image(pointing_game, framed, masks)),
                "seconds_per_image": sec, "max_abs_diff_vs_predictor_explain": float(same),
+               "single_map_ms": single_map_ms(p, paths[0], method, int(ci[0])),
                "blank_maps": int((maps.max(axis=(1, 2)) == 0).sum())}
         if random_model is not None:
             rand_maps, _ = explain_all(random_model, x, ci, method, args.batch)
@@ -315,17 +327,20 @@ def markdown(result: dict) -> str:
     def cell(s):
         return "-" if not s or s["mean"] is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
 
+    def ms_cell(ms):
+        return "-" if ms is None else f"{ms:.0f}"
+
     lines = [f"Saliency faithfulness: {result['checkpoint_id']} ({result['arch']}, {result['image_size']} px, "
              f"{result['resize']}), {result['n_images']} HAM10000 images, target = {result['target']} class",
              "", "| map | energy in mask | pointing game | rank corr. with random-weights map | deletion AUC | "
-                 "insertion AUC | insertion - deletion | s / image |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "insertion AUC | insertion - deletion | s / image (batched) | ms / map (one image) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in result["rows"].items():
         sec = row.get("seconds_per_image")
         lines.append(f"| {name} | {cell(row.get('energy_in_mask'))} | {cell(row.get('pointing'))} | "
                      f"{cell(row.get('randomisation_spearman'))} | {cell(row.get('deletion_auc'))} | "
                      f"{cell(row.get('insertion_auc'))} | {cell(row.get('insertion_minus_deletion'))} | "
-                     f"{'-' if sec is None else f'{sec:.2f}'} |")
+                     f"{'-' if sec is None else f'{sec:.2f}'} | {ms_cell(row.get('single_map_ms'))} |")
     lines.append("")
     lines.append("Means ± 95 % normal-approximation half-widths. Rank correlation: lower is better "
                  "(Adebayo et al. 2018); a method near 1 ignores the weights. Deletion / insertion "
@@ -372,7 +387,7 @@ def main(argv=None) -> int:
         from model.predictor import Predictor  # noqa: PLC0415
         p = Predictor.load(args.checkpoint)
         keep = ("energy_in_mask", "pointing", "randomisation_spearman", "deletion_auc", "insertion_auc",
-                "insertion_minus_deletion", "seconds_per_image")
+                "insertion_minus_deletion", "seconds_per_image", "single_map_ms")
         p.metadata["saliency"] = {
             "default": result["default"], "reason": result["default_reason"], "n_images": result["n_images"],
             "n_faithfulness": result["n_faithfulness"],

@@ -327,11 +327,13 @@ def _saliency_lines(metadata: dict) -> list[str]:
              "the Compare tab. "
              f"Scores on {chosen.get('n_images', '?')} HAM10000 validation images with lesion masks "
              f"(deletion / insertion on {chosen.get('n_faithfulness', '?')}):", "",
-             "| map | energy in mask | pointing game | rank corr. with random weights | deletion AUC | insertion AUC |",
-             "|---|---|---|---|---|---|"]
+             "| map | energy in mask | pointing game | rank corr. with random weights | deletion AUC | insertion AUC "
+             "| ms / map |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in (chosen.get("scores") or {}).items():
         cells = [_fmt((row.get(k) or {}).get("mean")) for k in
                  ("energy_in_mask", "pointing", "randomisation_spearman", "deletion_auc", "insertion_auc")]
+        cells.append(_fmt(None) if row.get("single_map_ms") is None else f"{row['single_map_ms']:.0f}")
         lines.append(f"| {'**' + name + '**' if name == chosen['default'] else name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -225,3 +225,17 @@ def test_card_compares_the_served_tta_with_the_plain_view():
     assert "| isic2017_test | 0.550 | 0.520 | 0.778 | 0.800 |" in card
     metadata["tta"] = False
     assert "serve the plain view only" in model_card_markdown(metadata)
+
+
+def test_card_names_the_overlay_method_with_its_scores_and_time():
+    metadata = multisource_metadata()
+    s = lambda mean: {"mean": mean, "ci95": 0.02}  # noqa: E731
+    metadata["saliency"] = {
+        "default": "layercam", "reason": "best insertion - deletion", "n_images": 200, "n_faithfulness": 100,
+        "scores": {"centred Gaussian": {"energy_in_mask": s(0.641), "pointing": s(0.945)},
+                   "layercam": {"energy_in_mask": s(0.752), "pointing": s(0.96), "randomisation_spearman": s(0.11),
+                                "deletion_auc": s(0.45), "insertion_auc": s(0.70), "single_map_ms": 61.4}}}
+    card = model_card_markdown(metadata)
+    assert "The overlay shows **layercam**" in card and "on 200 HAM10000 validation images" in card
+    assert "| **layercam** | 0.752 | 0.960 | 0.110 | 0.450 | 0.700 | 61 |" in card
+    assert "| centred Gaussian | 0.641 | 0.945 | – | – | – | – |" in card
