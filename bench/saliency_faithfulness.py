@@ -201,7 +201,7 @@ def single_map_ms(p, path: Path, method: str, class_index: int, calls: int = 7) 
     """Median wall time of `Predictor.explain(path, method)` for one image, as the app's follow-ups
     call it (image read and prepared included), after two warm-up calls (compilation)."""
     times = []
-    for i in range(calls + 2):
+    for _ in range(calls + 2):
         start = time.perf_counter()
         p.explain(path, method=method, class_index=class_index)
         times.append(time.perf_counter() - start)
