@@ -71,10 +71,11 @@ def cmd_calibrate(args):
     from .predictor import Predictor
     predictor = Predictor.load(args.checkpoint)
     # Several --csv: one validation set, each part keeping its source's name for the operating point.
-    parts = [labelled_split(predictor, spec, None if parse_source(spec)[2] else args.split) for spec in args.csv]
+    names, _, splits = zip(*map(parse_source, args.csv))
+    parts = [labelled_split(predictor, spec, None if split else args.split) for spec, split in zip(args.csv, splits)]
     val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                 [r for p in parts for r in p.records])
-    sources = np.repeat([parse_source(spec)[0] for spec in args.csv], [len(p.labels) for p in parts])
+    sources = np.repeat(names, [len(p.labels) for p in parts])
     result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None)
     external = record_external(predictor, args.external_eval or [])
     print(json.dumps({**{k: result[k] for k in ("temperature", "ece_before", "ece_after")},
