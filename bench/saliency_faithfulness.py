@@ -168,10 +168,11 @@ def masks_in_model_view(data: Path, ids: list[str], size: int, resize: str) -> n
                      for i in ids])
 
 
-def in_image_frame(p, maps: np.ndarray, paths: list[Path]) -> list[np.ndarray]:
-    """Model-view maps (B, S, S) on their images' own pixels, as `Predictor.explain(frame="image")`
-    and the app's overlays place them (through the crop and resize the preprocessing made)."""
-    return [p.to_image_frame(m, path) for m, path in zip(maps, paths)]
+def in_image_frame(p, maps: np.ndarray, originals: list) -> list[np.ndarray]:
+    """Model-view maps (B, S, S) on their images' own pixels (`originals`: the loaded images), as
+    `Predictor.explain(frame="image")` and the app's overlays place them (through the crop and
+    resize the preprocessing made)."""
+    return [p.to_image_frame(m, image) for m, image in zip(maps, originals)]
 
 
 def per_image(score, maps: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
@@ -241,7 +242,8 @@ def run(args) -> dict:
     size, resize = p.image_size, p.metadata.get("resize", "squash")
     ids = pick_images(args.data, args.split, args.split_name, args.n, args.seed)
     paths = [args.data / "images" / f"{i}.jpg" for i in ids]
-    images = p.prepare(paths)
+    originals = [load_image(path) for path in paths]   # read once: prepared, and the frame of every map
+    images = p.prepare(originals)
     masks = load_masks(args.data, ids)
     ci = class_indices(p, images, ids, args.target, args.data)
     x = np.asarray(preprocess(jnp.asarray(images), p.norm))
@@ -253,7 +255,7 @@ def run(args) -> dict:
     gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), (len(ids), size, size))
     rows = {"chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)}}
     for name, g in (("centred Gaussian", gauss), ("centred Gaussian (sigma 0.15)", gauss15)):
-        framed = in_image_frame(p, g, paths)
+        framed = in_image_frame(p, g, originals)
         rows[name] = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
                       "pointing": summarise(per_image(pointing_game, framed, masks))}
     random_model = None
@@ -266,7 +268,7 @@ def run(args) -> dict:
     for method in args.methods:
         maps, sec = explain_all(p.model, x, ci, method, args.batch)
         maps_by_name[method] = maps
-        framed = in_image_frame(p, maps, paths)
+        framed = in_image_frame(p, maps, originals)
         # The batched path must be what the app sees: p.explain(frame="image") on the first image.
         same = np.abs(p.explain(paths[0], method=method, class_index=int(ci[0]), frame="image") - framed[0]).max()
         row = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
