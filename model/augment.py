@@ -1,8 +1,8 @@
 """Training-time augmentation, on device inside the jitted train step (no Python in the loop).
 
 Random resized crop, flips, 90-degree rotations, colour jitter and (optionally) the artefacts that
-differ between clinics: hairs drawn across the lesion and the dark circular vignette of contact
-dermatoscopes. All on float images in [0, 1].
+differ between clinics: hairs drawn across the lesion, the dark circular vignette of contact
+dermatoscopes and the blur of low-resolution images. All on float images in [0, 1].
 All randomness comes from one PRNG key per batch, so a run is reproducible from its seed.
 """
 import dataclasses
@@ -23,10 +23,14 @@ class AugmentConfig:
     hue: float = 0.03                   # small: colour carries diagnostic signal (blue-white veil)
     hair: float = 0.0                   # probability of drawing 1-8 dark hairs over the image
     vignette: float = 0.0               # probability of a dark circular dermatoscope border
+    low_res: float = 0.0                # probability of shrinking to LOW_RES_SIDE px and back
 
 
 HAIR_POINTS_PER_PIXEL = 2  # samples along each curve per pixel of image side: unbroken lines
 MAX_HAIRS = 8
+# BCN_20000 comes as 84 px thumbnails: a model that never sees a blurry image from another source
+# learns "blurry = Barcelona = more often malignant" (docs/RESULTS.md, bench/thumbnail_cue.py).
+LOW_RES_SIDE = 84
 
 
 def random_resized_crop(key, image, scale, ratio):
@@ -124,6 +128,13 @@ def add_vignette(key, image):
     return image * (0.03 + 0.97 * keep)
 
 
+def low_resolution(key, image):
+    """The image as an 84 px thumbnail enlarged again: antialiased down, linear up, like the predictor."""
+    del key  # deterministic; the key only decides whether it happens
+    small = jax.image.resize(image, (LOW_RES_SIDE, LOW_RES_SIDE, image.shape[-1]), "linear", antialias=True)
+    return jax.image.resize(small, image.shape, "linear")
+
+
 def maybe(key, probability: float, transform, image):
     if probability <= 0:  # a Python-level switch: runs without the artefact compile none of it
         return image
@@ -134,6 +145,8 @@ def maybe(key, probability: float, transform, image):
 def augment_one(key, image, cfg: AugmentConfig):
     k_crop, k_dihedral, k_color, k_hair, k_vignette = jax.random.split(key, 5)
     image = random_resized_crop(k_crop, image, cfg.crop_scale, cfg.crop_ratio)
+    # A key of its own, folded in: runs without the blur keep exactly the draws they had before it.
+    image = maybe(jax.random.fold_in(key, LOW_RES_SIDE), cfg.low_res, low_resolution, image)
     image = dihedral(k_dihedral, image, cfg)
     image = color_jitter(k_color, image, cfg)
     image = maybe(k_hair, cfg.hair, add_hair, image)

@@ -81,6 +81,8 @@ class TrainConfig:
                                        "changes; 0: off")
     hair_aug: float = _option(0.0, "probability of drawing random hairs over a training image")
     vignette_aug: float = _option(0.0, "probability of a dark circular dermatoscope border")
+    low_res_aug: float = _option(0.0, "probability of shrinking a training image to 84 px and back "
+                                      "(BCN_20000's thumbnail size), so blur stops marking a source")
     dtype: str = _option("float32", "compute type; bfloat16 for accelerators: compute in bf16, "
                                     "params in f32", DTYPE_CHOICES)
     tta: bool = _option(True, "8-view dihedral test-time augmentation at evaluation")

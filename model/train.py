@@ -158,7 +158,8 @@ def config_train_step(cfg: TrainConfig, num_classes: int):
     """The jitted update step with the run's augmentation, normalisation, loss and compute type."""
     aug = AugmentConfig(crop_scale=(cfg.crop_scale_min, 1.0), brightness=cfg.color_jitter,
                         contrast=cfg.color_jitter, saturation=cfg.color_jitter,
-                        hue=0.15 * cfg.color_jitter, hair=cfg.hair_aug, vignette=cfg.vignette_aug)
+                        hue=0.15 * cfg.color_jitter, hair=cfg.hair_aug, vignette=cfg.vignette_aug,
+                        low_res=cfg.low_res_aug)
     return make_train_step(aug=aug, norm=normalisation(cfg), num_classes=num_classes,
                            label_smoothing=cfg.label_smoothing, mixup=cfg.mixup, cutmix=cfg.cutmix,
                            dtype=jnp.dtype(cfg.dtype))

@@ -41,3 +41,16 @@ def test_artefacts_only_darken_the_same_augmented_view(images):
     assert (darkened > 0.01).all()  # every image got hairs and a border
     never = np.asarray(augment(key, images, AugmentConfig(hair=0.0, vignette=0.0)))
     np.testing.assert_array_equal(never, plain)
+
+
+def test_low_resolution_blurs_like_a_thumbnail_and_leaves_other_draws_alone(synthetic_data_shared):
+    paths = sorted(synthetic_data_shared.ham_images.glob("*.jpg"))[:4]
+    images = np.stack([to_square(load_image(p), 160, "squash") for p in paths]).astype(np.float32) / 255
+    key = jax.random.key(2)
+    plain = np.asarray(augment(key, images, AugmentConfig()))
+    blurred = np.asarray(augment(key, images, AugmentConfig(low_res=1.0)))
+    np.testing.assert_array_equal(np.asarray(augment(key, images, AugmentConfig(low_res=0.0))), plain)
+    # Same crop, flips and colours, less fine detail: the mean stays, pixel-to-pixel change drops.
+    np.testing.assert_allclose(blurred.mean(axis=(1, 2, 3)), plain.mean(axis=(1, 2, 3)), atol=0.02)
+    detail = lambda x: np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))
+    assert (detail(blurred) < 0.9 * detail(plain)).all()
