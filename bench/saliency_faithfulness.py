@@ -114,6 +114,17 @@ def deletion_insertion(probability, x: np.ndarray, baseline: np.ndarray, order: 
     return deletion, insertion
 
 
+def lesion_at_grid(mask_views: np.ndarray, grid: int) -> np.ndarray:
+    """The lesion masks (B, S, S) averaged over a `grid` x `grid` raster, then upsampled and scaled as
+    `explain` does: a map that knows exactly where the lesion is but is only `grid` cells wide. What a
+    class-activation map from a stage of that size scores if it marks the lesion and nothing else
+    (a map peaked on the lesion's core, not spread over its area, can score higher)."""
+    b, size = mask_views.shape[0], mask_views.shape[1]
+    cells = np.asarray(jax.image.resize(jnp.asarray(mask_views, jnp.float32), (b, grid, grid), "linear",
+                                        antialias=True))
+    return np.asarray(saliency.unit_maps(jnp.asarray(cells), size=(size, size)))
+
+
 def centred_gaussian(size: int, area_fraction: float) -> np.ndarray:
     """Centred isotropic Gaussian whose half-mass disc has `area_fraction` of the frame."""
     # Half the mass of a 2-D Gaussian lies within r = sigma * sqrt(2 ln 2) = 1.1774 sigma.
@@ -254,7 +265,11 @@ def run(args) -> dict:
     gauss = np.broadcast_to(centred_gaussian(size, float(np.median(area))), (len(ids), size, size))
     gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), (len(ids), size, size))
     rows = {"chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)}}
-    for name, g in (("centred Gaussian", gauss), ("centred Gaussian (sigma 0.15)", gauss15)):
+    lesion_views = masks_in_model_view(args.data, ids, size, resize).astype(np.float32)
+    # The grids of the network's last three stages (strides 32, 16, 8): Grad-CAM's is the first.
+    coarse_lesions = {f"lesion mask at {g}x{g} (reference)": lesion_at_grid(lesion_views, g)
+                for g in (size // 32, size // 16, size // 8)}
+    for name, g in (("centred Gaussian", gauss), ("centred Gaussian (sigma 0.15)", gauss15), *coarse_lesions.items()):
         framed = in_image_frame(p, g, originals)
         rows[name] = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),
                       "pointing": summarise(per_image(pointing_game, framed, masks))}
@@ -285,7 +300,7 @@ def run(args) -> dict:
     # The lesion itself as a map (faithfulness only; its mask scores are 1 by construction): if
     # deleting the lesion first moves the prediction less than a method's order does, the model's
     # evidence is not only in the lesion, and no faithful map can sit wholly inside it.
-    maps_by_name[LESION_REFERENCE] = masks_in_model_view(args.data, ids, size, resize).astype(np.float32)
+    maps_by_name[LESION_REFERENCE] = lesion_views
     p.model.eval()
     faithful = faithfulness_rows(p, x[:args.n_faithfulness], ci[:args.n_faithfulness],
                                  {k: v[:args.n_faithfulness] for k, v in maps_by_name.items()}, args.seed)
@@ -350,7 +365,8 @@ def markdown(result: dict) -> str:
                  "steps, pixels replaced by a blurred copy: deletion lower is better, insertion higher; "
                  "the baselines are the random pixel order and the centred Gaussian. The lesion mask "
                  "row deletes (or inserts) the lesion's pixels first: how much the model's evidence lies "
-                 "in the lesion.")
+                 "in the lesion. The k x k lesion rows are the mask itself averaged onto a k x k grid: "
+                 "what a map from a stage of that size scores when it marks the whole lesion and only it.")
     return "\n".join(lines)
 
 

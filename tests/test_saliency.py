@@ -301,6 +301,13 @@ def test_faithfulness_metrics_on_known_maps():
     deletion, insertion = bench.deletion_insertion(probability, x, baseline, wrong)
     assert deletion[0] == pytest.approx(0.875, abs=0.01) and insertion[0] == pytest.approx(0.125, abs=0.01)
 
+    # The lesion known exactly but on a coarse grid: all of it inside at the full size, less as the
+    # grid coarsens, and never more than a map from a finer grid.
+    lesions = np.zeros((1, 32, 32), np.float32)
+    lesions[:, 8:20, 10:26] = 1.0
+    energy = [bench.energy_in_mask(bench.lesion_at_grid(lesions, g), lesions.astype(bool))[0] for g in (2, 4, 8, 32)]
+    assert energy[-1] == pytest.approx(1.0) and energy[0] < 0.6 and np.all(np.diff(energy) > 0)
+
     g = bench.centred_gaussian(101, 0.2)  # half its energy in the centred disc of 20 % of the frame
     yy, xx = np.mgrid[:101, :101] - 50
     disc = np.hypot(yy, xx) <= np.sqrt(0.2 * 101 * 101 / np.pi)
@@ -398,6 +405,8 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
         assert rows[method]["max_abs_diff_vs_predictor_explain"] < 1e-5
         assert 0.0 <= rows[method]["energy_in_mask"]["mean"] <= 1.0
         assert rows[method]["deletion_auc"]["mean"] is not None
+    coarse_lesions = [rows[f"lesion mask at {g}x{g} (reference)"]["energy_in_mask"]["mean"] for g in (SIZE // 32, SIZE // 8)]
+    assert 0.5 <= coarse_lesions[0] <= coarse_lesions[1] <= 1.0     # the left-half mask: finer grids hold more of it
     reference = rows["lesion mask (reference)"]          # faithfulness only: never a candidate default
     assert reference["deletion_auc"]["mean"] is not None and "energy_in_mask" not in reference
 
