@@ -19,18 +19,9 @@ from .classes import full_name, malignant_indices
 from .images import load_image, square_box, to_square
 from .render import place_in_frame
 from .preprocess import Normalisation, preprocess
+from .views import TTA_VIEWS, dihedral_views
 
 EVAL_BATCH = 64   # images through the network per call, test-time views included: bounds memory
-TTA_VIEWS = 8
-
-
-def dihedral_views(x):
-    """The 8 flips/rotations of square images (B, S, S, C): test-time augmentation views."""
-    views = []
-    for k in range(4):
-        r = jnp.rot90(x, k, axes=(1, 2))
-        views += [r, r[:, :, ::-1]]
-    return views
 
 
 def _outputs_per_view(model, views: list):
@@ -60,30 +51,22 @@ def forward_and_explain(graphdef, state, images_u8, norm: Normalisation, tta: bo
     map, saliency.CAM_METHODS) of its top class, scaled to [0, 1] at the input size.
 
     The top class is that of the averaged logits plus `logit_shift` (the clinical fusion's offset;
-    the temperature never changes the order), so the map explains the very prediction returned."""
+    the temperature never changes the order), and with tta the map is the mean of the 8 views' maps,
+    so the map explains the very prediction returned."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    # The plain view runs inside the map's gradient pass; the other 7 views (with tta) as one batch.
-    others = _outputs_per_view(model, dihedral_views(x)[1:]) if tta else None
-
-    def mean_over_views(plain, i):   # i: 0 logits, 1 pooled features
-        return plain if others is None else jnp.concatenate([plain[None], others[i]]).mean(0)
-
-    def top_class(plain_logits):
-        return jnp.argmax(mean_over_views(plain_logits, 0) + logit_shift, axis=-1)
-
-    cam, plain_logits, plain_pooled, _ = saliency.cam_and_logits(model, x, top_class, method)
-    return (mean_over_views(plain_logits, 0), mean_over_views(plain_pooled, 1),
-            saliency.unit_maps(cam, x.shape[1:3]))
+    top_class = lambda logits: jnp.argmax(logits + logit_shift, axis=-1)  # noqa: E731
+    cam, logits, pooled, _ = saliency.cam_and_logits(model, x, top_class, method, tta)
+    return logits, pooled, saliency.unit_maps(cam, x.shape[1:3])
 
 
-@partial(jax.jit, static_argnames=("norm", "method"))
-def explain_cam(graphdef, state, images_u8, norm: Normalisation, class_index, method: str):
+@partial(jax.jit, static_argnames=("norm", "method", "tta"))
+def explain_cam(graphdef, state, images_u8, norm: Normalisation, class_index, method: str, tta: bool):
     """The `method` map (saliency.CAM_METHODS) of `class_index` (one per image) for a uint8 batch,
     scaled to [0, 1] at the input size: what saliency.explain gives, without nnx.jit's per-call walk."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    return saliency.unit_maps(saliency.cam_and_logits(model, x, class_index, method)[0], x.shape[1:3])
+    return saliency.unit_maps(saliency.cam_and_logits(model, x, class_index, method, tta)[0], x.shape[1:3])
 
 
 def views(tta: bool) -> int:
@@ -134,9 +117,14 @@ class Predictor:
         self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
 
     @property
+    def tta(self) -> bool:
+        """Whether predictions (and their class-activation maps) average the 8 dihedral views."""
+        return bool(self.metadata.get("tta", False))
+
+    @property
     def views_per_image(self) -> int:
         """Network passes per image: 8 with test-time augmentation (the dihedral views), else 1."""
-        return views(bool(self.metadata.get("tta")))
+        return views(self.tta)
 
     @property
     def uses_clinical(self) -> bool:
@@ -162,7 +150,7 @@ class Predictor:
     # --- predictions ---
     def forward_arrays(self, images_u8: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) logits and pooled features for prepared uint8 images, in batches."""
-        tta = bool(self.metadata.get("tta", False) if tta is None else tta)
+        tta = self.tta if tta is None else bool(tta)
         logits, pooled = in_calls(lambda u8: forward(self.graphdef, self.state, u8, self.norm, tta),
                                   images_per_call(tta), images_u8)
         return logits, pooled
@@ -234,11 +222,11 @@ class Predictor:
             top = out["probs"].argmax(axis=1)
             out["heat"] = np.stack([self.explain(image, class_index=int(c)) for image, c in zip(images, top)])
             return out
-        tta = bool(self.metadata.get("tta", False))
         shift = self.with_clinical(np.zeros((len(images), len(self.classes)), np.float32), people)
         logits, pooled, heat = in_calls(
-            lambda u8, s: forward_and_explain(self.graphdef, self.state, u8, self.norm, tta, s, self.default_method),
-            images_per_call(tta), images, shift)
+            lambda u8, s: forward_and_explain(self.graphdef, self.state, u8, self.norm, self.tta, s,
+                                              self.default_method),
+            images_per_call(self.tta), images, shift)
         out = self._summary(logits, pooled, people)
         out["heat"] = heat.astype(np.float32)
         return out
@@ -260,7 +248,8 @@ class Predictor:
     def explain(self, image, method: str | None = None, class_index: int | None = None, frame: str = "model",
                 **kwargs) -> np.ndarray:
         """Saliency map in [0, 1] for one image, for `class_index` (default: the top class), by
-        `method` (default: `default_method`).
+        `method` (default: `default_method`). Class-activation maps explain the prediction as served:
+        with test-time augmentation, the mean of the 8 views' maps; the other methods the plain view.
 
         frame="model": (S, S), the model's square view. frame="image": (H, W) on the image's own
         pixels, through the crop and resize `prepare` made (0 outside a field-of-view crop).
@@ -273,7 +262,7 @@ class Predictor:
         method = method or self.default_method
         ci = jnp.asarray([class_index], jnp.int32)
         if method in saliency.CAM_METHODS and not kwargs:   # the default and the chat's CAMs: the fast path
-            heat = np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method))[0]
+            heat = np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method, self.tta))[0]
         else:
             x = preprocess(jnp.asarray(images), self.norm)
             heat = saliency.explain(self.model, x, ci, method=method, **kwargs)[0]

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .views import TTA_VIEWS, dihedral_views, to_image_orientation
+
 # IG and occlusion baselines. Inputs are normalised, so zeros are the dataset-mean colour (the
 # grey patch of occlusion studies). IG defaults to a blurred copy of the image instead: a black
 # or flat baseline puts (x - baseline) near zero on dark pigment, which silences the lesion
@@ -325,26 +327,51 @@ def _fuse(cams: list):
     return jnp.mean(jnp.stack([jax.image.resize(c, (b, h, w), method="linear") for c in scaled]), 0)
 
 
-def cam_and_logits(model, x, class_index, method: str):
+def cam_and_logits(model, x, class_index, method: str, tta: bool = False):
     """For use inside a jitted function: the unnormalised CAM map (B, h, w) of `method` (a key of
     CAM_METHODS), with the logits, pooled features and classes of the same forward pass.
     `class_index`: one class per image, or a function of the logits that picks them (the
-    predictor explains the top class of the prediction this very pass makes)."""
+    predictor explains the top class of the prediction this very pass makes).
+
+    tta: the prediction the predictor serves with test-time augmentation, the mean over the 8
+    dihedral views: each view's map is turned back to the image's orientation and the maps averaged,
+    the logits and pooled features averaged as the predictor averages them."""
+    if not tta:
+        return _single_view_cam(model, x, class_index, method)
+    n = x.shape[0]
+
+    def over_views(a):  # (V * B, ...) -> (V, B, ...)
+        return a.reshape(TTA_VIEWS, n, *a.shape[1:])
+
+    def same_class_in_every_view(logits):
+        mean = over_views(logits).mean(0)
+        ci = class_index(mean) if callable(class_index) else jnp.broadcast_to(class_index, (n,))
+        return jnp.tile(ci, TTA_VIEWS)
+
+    cam, logits, pooled, ci = _single_view_cam(model, jnp.concatenate(dihedral_views(x)),
+                                               same_class_in_every_view, method)
+    cams = over_views(cam)
+    aligned = jnp.stack([to_image_orientation(cams[k], k) for k in range(TTA_VIEWS)])
+    return aligned.mean(0), over_views(logits).mean(0), over_views(pooled).mean(0), ci[:n]
+
+
+def _single_view_cam(model, x, class_index, method: str):
     rule, n_stages = CAM_METHODS[method]
     maps, grads, logits, pooled, ci = _stage_maps_and_grads(model, x, class_index, n_stages)
     cams = [_stage_cam(a, g, rule) for a, g in zip(maps, grads)]
     return (cams[0] if len(cams) == 1 else _fuse(cams)), logits, pooled, ci
 
 
-@nnx.jit(static_argnames=("method",))
-def _cam(model, x, ci, method):
-    return cam_and_logits(model, x, ci, method)[0]
+@nnx.jit(static_argnames=("method", "tta"))
+def _cam(model, x, ci, method, tta):
+    return cam_and_logits(model, x, ci, method, tta)[0]
 
 
-def class_activation_map(model, x, class_index, method: str = "gradcam") -> jax.Array:
-    """The CAM_METHODS map `method` -> (B, h, w) at its stage's resolution (the finest, fused)."""
+def class_activation_map(model, x, class_index, method: str = "gradcam", tta: bool = False) -> jax.Array:
+    """The CAM_METHODS map `method` -> (B, h, w) at its stage's resolution (the finest, fused);
+    tta: of the prediction averaged over the 8 dihedral views (`cam_and_logits`)."""
     x, ci = _prepare(model, x, class_index)
-    return _cam(model, x, ci, method)
+    return _cam(model, x, ci, method, tta)
 
 
 # Grad-CAM (Selvaraju et al. 2017), HiResCAM (Draelos & Carin 2020) and Grad-CAM++ (Chattopadhay et

@@ -411,15 +411,47 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
     assert reference["deletion_auc"]["mean"] is not None and "energy_in_mask" not in reference
 
 
+def test_a_map_made_on_a_view_turns_back_to_the_image():
+    from model.views import TTA_VIEWS, dihedral_views, to_image_orientation
+    maps = jax.random.normal(jax.random.key(4), (2, 5, 5))
+    views = dihedral_views(maps[..., None])
+    assert len(views) == TTA_VIEWS and len({np.asarray(v).tobytes() for v in views}) == TTA_VIEWS
+    for k, view in enumerate(views):
+        np.testing.assert_array_equal(to_image_orientation(view[..., 0], k), maps)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_map_of_the_averaged_views_turns_with_the_image(cnn, images, method):
+    """The TTA map explains a prediction that is the same for every flip or rotation of the image,
+    so the map of a turned image is the turned map (exactly, whatever the weights); the plain-view
+    map of a CNN is not."""
+    from model.views import dihedral_views
+    turned = dihedral_views(images)[3]    # rotated a quarter turn and mirrored
+    for tta in (True, False):
+        of_turned = np.asarray(saliency.explain(cnn, turned, 1, method=method, tta=tta))
+        turned_map = np.asarray(dihedral_views(jnp.asarray(
+            saliency.explain(cnn, images, 1, method=method, tta=tta))[..., None])[3][..., 0])
+        if tta:
+            np.testing.assert_allclose(of_turned, turned_map, atol=1e-4)
+        else:
+            assert np.abs(of_turned - turned_map).max() > 0.05
+
+
+@pytest.mark.parametrize("tta", [False, True])
 @pytest.mark.parametrize("method", list(saliency.CAM_METHODS) + ["gradients"])
-def test_predictor_explain_equals_the_saliency_module(tmp_path, images, method):
-    """`Predictor.explain` (plain jax.jit on the split model for the CAMs) gives saliency.explain's map."""
+def test_predictor_explain_equals_the_saliency_module(tmp_path, images, method, tta):
+    """`Predictor.explain` (plain jax.jit on the split model for the CAMs) gives saliency.explain's map:
+    for a checkpoint served with TTA, the CAMs of the averaged views; gradients on the plain view."""
     from test_app import make_tiny_checkpoint
+    from model import checkpoint
     from model.predictor import Predictor
     from model.preprocess import preprocess
-    p = Predictor.load(make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE))
+    path = make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE)
+    checkpoint.update_metadata(path, {**checkpoint.read_metadata(path), "tta": tta})
+    p = Predictor.load(path)
     image = np.asarray((images[0] - images[0].min()) / (images[0].max() - images[0].min()) * 255, np.uint8)
     x = preprocess(jnp.asarray(p.prepare([image])), p.norm)
+    kw = {"tta": tta} if method in saliency.CAM_METHODS else {}
     for c in (2, 4):
-        expected = saliency.explain(p.model, x, jnp.asarray([c]), method=method)[0]
+        expected = saliency.explain(p.model, x, jnp.asarray([c]), method=method, **kw)[0]
         np.testing.assert_allclose(p.explain(image, method, class_index=c), expected, atol=1e-5)
