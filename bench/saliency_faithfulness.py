@@ -21,7 +21,10 @@ Near 0 is what a faithful method gives; near 1 means the map shows the image, no
 The mask scores are taken in each image's own frame: every map (and both Gaussians, drawn in the
 model's square view) is placed on the image's pixels through the crop and resize the preprocessing
 made, as `Predictor.explain(image, frame="image")` and the app's overlays do; deletion, insertion
-and randomisation work in the model's view, where the model sees the pixels. Prints a Markdown table; --out writes JSON.
+and randomisation work in the model's view, where the model sees the pixels. Maps and probabilities are
+the ones the predictor serves: for a checkpoint with test-time augmentation, class-activation maps of the
+8-view prediction and that prediction's probability (gradient methods explain the plain view).
+Prints a Markdown table; --out writes JSON.
 """
 import argparse
 import csv
@@ -44,6 +47,7 @@ from model import saliency  # noqa: E402
 from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
+from model.views import TTA_VIEWS, dihedral_views  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"  # ../shared/data beside the project
 RANDOM_SEED = 123  # the re-initialised model; any seed other than the training one
@@ -201,11 +205,13 @@ def class_indices(p, images_u8: np.ndarray, ids: list[str], target: str, data: P
     return np.array([p.classes.index(dx[i]) for i in ids])
 
 
-def explain_all(model, x_all, ci_all, method: str, batch: int) -> tuple[np.ndarray, float]:
+def explain_all(model, x_all, ci_all, method: str, batch: int, tta: bool) -> tuple[np.ndarray, float]:
+    """Maps as the predictor serves them: class-activation maps of the 8-view prediction with `tta`."""
+    kw = {**METHOD_KW.get(method, {}), **({"tta": tta} if method in saliency.CAM_METHODS else {})}
     maps, start = [], time.perf_counter()
     for s in range(0, len(x_all), batch):
         maps.append(saliency.explain(model, x_all[s:s + batch], jnp.asarray(ci_all[s:s + batch]),
-                                     method=method, **METHOD_KW.get(method, {})))
+                                     method=method, **kw))
     return np.concatenate(maps), (time.perf_counter() - start) / len(x_all)
 
 
@@ -220,18 +226,21 @@ def single_map_ms(p, path: Path, method: str, class_index: int, calls: int = 7) 
     return float(np.median(times[2:]) * 1000)
 
 
-@nnx.jit
-def _logits(model, x):
-    return model(x)
+@nnx.jit(static_argnames="tta")
+def _logits(model, x, tta):
+    if not tta:
+        return model(x)
+    return model(jnp.concatenate(dihedral_views(x))).reshape(TTA_VIEWS, x.shape[0], -1).mean(0)
 
 
 def faithfulness_rows(p, x: np.ndarray, ci: np.ndarray, maps_by_name: dict, seed: int) -> dict:
-    """Deletion and insertion AUCs for each map, and for a random pixel order (the chance baseline)."""
+    """Deletion and insertion AUCs for each map, and for a random pixel order (the chance baseline),
+    on the prediction as the predictor serves it (the 8 views' mean with TTA)."""
     temperature = float(p.metadata.get("temperature", 1.0))
     baseline = np.asarray(saliency.gaussian_blur(jnp.asarray(x)))
 
     def probability(images, i):
-        logits = np.asarray(_logits(p.model, jnp.asarray(images))) / temperature
+        logits = np.asarray(_logits(p.model, jnp.asarray(images), p.tta)) / temperature
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True))[:, ci[i]]
 
@@ -281,7 +290,7 @@ def run(args) -> dict:
 
     maps_by_name = {"centred Gaussian": np.asarray(gauss), "centred Gaussian (sigma 0.15)": np.asarray(gauss15)}
     for method in args.methods:
-        maps, sec = explain_all(p.model, x, ci, method, args.batch)
+        maps, sec = explain_all(p.model, x, ci, method, args.batch, p.tta)
         maps_by_name[method] = maps
         framed = in_image_frame(p, maps, originals)
         # The batched path must be what the app sees: p.explain(frame="image") on the first image.
@@ -292,7 +301,7 @@ def run(args) -> dict:
                "single_map_ms": single_map_ms(p, paths[0], method, int(ci[0])),
                "blank_maps": int((maps.max(axis=(1, 2)) == 0).sum())}
         if random_model is not None:
-            rand_maps, _ = explain_all(random_model, x, ci, method, args.batch)
+            rand_maps, _ = explain_all(random_model, x, ci, method, args.batch, p.tta)
             row["randomisation_spearman"] = summarise([spearman(a, b) for a, b in zip(maps, rand_maps)])
         rows[method] = row
         print(f"  {method}: {sec:.2f} s/image", file=sys.stderr)
@@ -307,7 +316,7 @@ def run(args) -> dict:
     for name, row in faithful.items():
         rows.setdefault(name, {}).update(row)
     return {"checkpoint": str(args.checkpoint), "checkpoint_id": p.checkpoint_id, "arch": p.metadata["arch"],
-            "image_size": size, "resize": resize, "n_images": len(ids), "target": args.target,
+            "image_size": size, "resize": resize, "tta": p.tta, "n_images": len(ids), "target": args.target,
             "split": str(args.split) if args.split else None, "seed": args.seed,
             "gaussian_area_fraction": float(np.median(area)), "random_model_seed": RANDOM_SEED,
             "deletion_steps": DELETION_STEPS, "n_faithfulness": min(args.n_faithfulness, len(ids)),
@@ -348,7 +357,8 @@ def markdown(result: dict) -> str:
         return "-" if ms is None else f"{ms:.0f}"
 
     lines = [f"Saliency faithfulness: {result['checkpoint_id']} ({result['arch']}, {result['image_size']} px, "
-             f"{result['resize']}), {result['n_images']} HAM10000 images, target = {result['target']} class",
+             f"{result['resize']}), {result['n_images']} HAM10000 images, target = {result['target']} class, "
+             f"{'8-view TTA' if result.get('tta') else 'plain view'} as served",
              "", "| map | energy in mask | pointing game | rank corr. with random-weights map | deletion AUC | "
                  "insertion AUC | insertion - deletion | s / image (batched) | ms / map (one image) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
