@@ -378,11 +378,13 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
     """The whole bench on a HAM10000-shaped folder of wide images: masks are read at the image's own
     size and every map placed there as the app does. Known answers: a mask of the left half holds half
     of any centred, mirror-symmetric map (both Gaussians; 0 outside a centre crop on both sides), and
-    the batched maps equal `Predictor.explain(frame="image")`."""
+    the batched maps equal `Predictor.explain(frame="image")` (both of the 8-view prediction)."""
     import json
     from PIL import Image
     from test_app import make_tiny_checkpoint
+    from model import checkpoint
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", size=SIZE, resize=resize)
+    checkpoint.update_metadata(ckpt, {**checkpoint.read_metadata(ckpt), "tta": True})   # served as bundled
     data = tmp_path / "ham"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
