@@ -239,3 +239,7 @@ def test_card_names_the_overlay_method_with_its_scores_and_time():
     assert "The overlay shows **layercam**" in card and "on 200 HAM10000 validation images" in card
     assert "| **layercam** | 0.752 | 0.960 | 0.110 | 0.450 | 0.700 | 61 |" in card
     assert "| centred Gaussian | 0.641 | 0.945 | – | – | – | – |" in card
+    metadata["tta"] = True
+    assert "the mean of the 8 views' maps" in model_card_markdown(metadata)
+    metadata["tta"] = False
+    assert "8 views' maps" not in model_card_markdown(metadata)
