@@ -23,6 +23,10 @@ Methods, and what each one is good for:
 - integrated_gradients: Sundararajan et al. 2017, blurred baseline by default (see below).
 - occlusion: drop in class probability when a patch is covered (Zeiler & Fergus 2014); needs
   no gradients, so it is the model-agnostic check on the others.
+
+The class-activation maps also come for the prediction averaged over the 8 dihedral views
+(`tta=True`, what the predictor serves with test-time augmentation): each view's map turned back
+to the image and the maps averaged.
 """
 from functools import partial
 from typing import NamedTuple
