@@ -46,6 +46,34 @@ TMP_MAX_AGE_S = 3600     # overlay PNGs are copied into Gradio's cache at once; 
 PRUNE_EVERY_S = 60       # look for old ones at most this often: a look stats every file there
 
 
+class Throttle:
+    """`due(now)` is True at most once per `seconds`: for housekeeping that must not run on every call."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self._last, self._lock = seconds, float("-inf"), threading.Lock()
+
+    def due(self, now: float) -> bool:
+        with self._lock:
+            if now - self._last <= self.seconds:
+                return False
+            self._last = now
+            return True
+
+
+def remove_older_than(folder: Path, max_age_s: float, now: float, pattern: str = "*.png") -> int:
+    """Delete the files matching `pattern` in `folder` last written more than `max_age_s` ago (a file
+    that vanishes meanwhile is skipped). Returns how many went."""
+    removed = 0
+    for old in folder.glob(pattern):
+        try:
+            if now - old.stat().st_mtime > max_age_s:
+                old.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 @dataclass(frozen=True)
 class Services:
     predictor: object
@@ -59,8 +87,8 @@ class Services:
     _files_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
     # Every new image's prediction and default map, micro-batched across concurrent requests.
     model_queue: ModelQueue = field(init=False, compare=False, repr=False)
-    # When the temp folder was last pruned (a one-item list: the dataclass itself is frozen).
-    _pruned_at: list = field(default_factory=lambda: [0.0], compare=False, repr=False)
+    # The temp folder is pruned at most once a PRUNE_EVERY_S.
+    _prune_due: Throttle = field(default_factory=lambda: Throttle(PRUNE_EVERY_S), compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "model_queue",
@@ -212,14 +240,8 @@ def write_png(ctx: Services, array, stem: str, case_id: int | None = None) -> st
 def _write_png(ctx: Services, array, stem: str) -> str:
     ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    if now - ctx._pruned_at[0] > PRUNE_EVERY_S:
-        ctx._pruned_at[0] = now
-        for old in ctx.tmp_dir.glob("*.png"):
-            try:
-                if now - old.stat().st_mtime > TMP_MAX_AGE_S:
-                    old.unlink()
-            except OSError:
-                pass
+    if ctx._prune_due.due(now):
+        remove_older_than(ctx.tmp_dir, TMP_MAX_AGE_S, now)
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
     path = ctx.tmp_dir / f"{safe}-{uuid.uuid4().hex[:8]}.png"
     img = array if isinstance(array, Image.Image) else Image.fromarray(np.asarray(array, np.uint8))

@@ -622,6 +622,29 @@ def test_deleting_a_case_removes_its_upload_and_pictures(predictor, tmp_path):
     assert ctx.store.count() == 0 and ctx.store.check() == []
 
 
+def test_old_pictures_in_the_temp_folder_go_at_most_once_a_minute(ctx):
+    """Overlays are copied into Gradio's cache at once: ours older than an hour are removed when a new
+    one is written, but the folder is looked through at most once a minute (a look stats every file)."""
+    import os
+    from app.services import PRUNE_EVERY_S, TMP_MAX_AGE_S, Throttle, write_png
+    ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
+    old, fresh, other = (ctx.tmp_dir / name for name in ("old-1.png", "fresh-1.png", "notes.txt"))
+    for f in (old, fresh, other):
+        f.write_bytes(b"x")
+    two_hours_ago = time.time() - 2 * TMP_MAX_AGE_S
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+    ctx._prune_due._last = float("-inf")                # as if the app had just started
+    new = write_png(ctx, np.zeros((4, 4, 3), np.uint8), "gradcam")
+    assert not old.exists() and fresh.exists() and other.exists() and Path(new).exists()
+    old.write_bytes(b"x")
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    write_png(ctx, np.zeros((4, 4, 3), np.uint8), "gradcam")
+    assert old.exists()                                 # within the minute: not looked at again
+    throttle = Throttle(PRUNE_EVERY_S)
+    assert throttle.due(1000.0) and not throttle.due(1000.0 + PRUNE_EVERY_S) and throttle.due(1001.0 + PRUNE_EVERY_S)
+
+
 def test_build_demo_wires_without_a_server(ctx):
     from app.ui import build_demo
     demo = build_demo(ctx.predictor, ctx.store)
