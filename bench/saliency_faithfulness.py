@@ -47,7 +47,7 @@ from model import saliency  # noqa: E402
 from model.images import load_image, square_box, to_square  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.preprocess import preprocess  # noqa: E402
-from model.views import TTA_VIEWS, dihedral_views  # noqa: E402
+from model.views import all_views, mean_over_views  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"  # ../shared/data beside the project
 RANDOM_SEED = 123  # the re-initialised model; any seed other than the training one
@@ -228,9 +228,7 @@ def single_map_ms(p, path: Path, method: str, class_index: int, calls: int = 7) 
 
 @nnx.jit(static_argnames="tta")
 def _logits(model, x, tta):
-    if not tta:
-        return model(x)
-    return model(jnp.concatenate(dihedral_views(x))).reshape(TTA_VIEWS, x.shape[0], -1).mean(0)
+    return mean_over_views(model(all_views(x))) if tta else model(x)
 
 
 def faithfulness_rows(p, x: np.ndarray, ci: np.ndarray, maps_by_name: dict, seed: int) -> dict:
@@ -275,9 +273,10 @@ def run(args) -> dict:
     gauss15 = np.broadcast_to(centred_gaussian_sigma(size, 0.15), (len(ids), size, size))
     rows = {"chance (mask area)": {"energy_in_mask": summarise(area), "pointing": summarise(area)}}
     lesion_views = masks_in_model_view(args.data, ids, size, resize).astype(np.float32)
-    # The grids of the network's last three stages (strides 32, 16, 8): Grad-CAM's is the first.
-    coarse_lesions = {f"lesion mask at {g}x{g} (reference)": lesion_at_grid(lesion_views, g)
-                for g in (size // 32, size // 16, size // 8)}
+    # The grids of the stages the class-activation maps come from, Grad-CAM's (the last) first.
+    stages = jax.eval_shape(p.model.feature_stages, jnp.zeros((1, size, size, 3), jnp.float32))
+    coarse_lesions = {f"lesion mask at {s.shape[1]}x{s.shape[2]} (reference)": lesion_at_grid(lesion_views, s.shape[1])
+                      for s in stages[::-1][:saliency.CAM_STAGES]}
     for name, g in (("centred Gaussian", gauss), ("centred Gaussian (sigma 0.15)", gauss15), *coarse_lesions.items()):
         framed = in_image_frame(p, g, originals)
         rows[name] = {"energy_in_mask": summarise(per_image(energy_in_mask, framed, masks)),

@@ -19,17 +19,9 @@ from .classes import full_name, malignant_indices
 from .images import load_image, square_box, to_square
 from .render import place_in_frame
 from .preprocess import Normalisation, preprocess
-from .views import TTA_VIEWS, dihedral_views
+from .views import TTA_VIEWS, all_views, mean_over_views
 
 EVAL_BATCH = 64   # images through the network per call, test-time views included: bounds memory
-
-
-def _outputs_per_view(model, views: list):
-    """(logits, pooled features), each (V, B, .), of V views of a batch, run as one batch of V * B."""
-    feats = model.features(jnp.concatenate(views))
-    logits = model.head(feats)
-    pooled = feats.mean(axis=(1, 2)).astype(jnp.float32)
-    return logits.reshape(len(views), -1, logits.shape[-1]), pooled.reshape(len(views), -1, pooled.shape[-1])
 
 
 # The model travels as nnx.split's (graphdef, state) into plain jax.jit functions: nnx.jit walks the
@@ -41,8 +33,9 @@ def forward(graphdef, state, images_u8, norm: Normalisation, tta: bool):
     """(logits, pooled features) for a uint8 batch; with tta, averaged over the 8 dihedral views."""
     model = nnx.merge(graphdef, state)
     x = preprocess(images_u8, norm)
-    logits, pooled = _outputs_per_view(model, dihedral_views(x) if tta else [x])
-    return logits.mean(0), pooled.mean(0)
+    feats = model.features(all_views(x) if tta else x)
+    logits, pooled = model.head(feats), feats.mean(axis=(1, 2)).astype(jnp.float32)
+    return (mean_over_views(logits), mean_over_views(pooled)) if tta else (logits, pooled)
 
 
 @partial(jax.jit, static_argnames=("norm", "tta", "method"))

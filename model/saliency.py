@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .views import TTA_VIEWS, dihedral_views, to_image_orientation
+from .views import TTA_VIEWS, all_views, mean_over_views, to_image_orientation
 
 # IG and occlusion baselines. Inputs are normalised, so zeros are the dataset-mean colour (the
 # grey patch of occlusion studies). IG defaults to a blurred copy of the image instead: a black
@@ -344,19 +344,14 @@ def cam_and_logits(model, x, class_index, method: str, tta: bool = False):
         return _single_view_cam(model, x, class_index, method)
     n = x.shape[0]
 
-    def over_views(a):  # (V * B, ...) -> (V, B, ...)
-        return a.reshape(TTA_VIEWS, n, *a.shape[1:])
-
     def same_class_in_every_view(logits):
-        mean = over_views(logits).mean(0)
-        ci = class_index(mean) if callable(class_index) else jnp.broadcast_to(class_index, (n,))
+        ci = class_index(mean_over_views(logits)) if callable(class_index) else jnp.broadcast_to(class_index, (n,))
         return jnp.tile(ci, TTA_VIEWS)
 
-    cam, logits, pooled, ci = _single_view_cam(model, jnp.concatenate(dihedral_views(x)),
-                                               same_class_in_every_view, method)
-    cams = over_views(cam)
+    cam, logits, pooled, ci = _single_view_cam(model, all_views(x), same_class_in_every_view, method)
+    cams = cam.reshape(TTA_VIEWS, n, *cam.shape[1:])
     aligned = jnp.stack([to_image_orientation(cams[k], k) for k in range(TTA_VIEWS)])
-    return aligned.mean(0), over_views(logits).mean(0), over_views(pooled).mean(0), ci[:n]
+    return aligned.mean(0), mean_over_views(logits), mean_over_views(pooled), ci[:n]
 
 
 def _single_view_cam(model, x, class_index, method: str):

@@ -24,3 +24,13 @@ def to_image_orientation(maps, view: int):
     if mirrored:
         maps = maps[:, :, ::-1]
     return jnp.rot90(maps, -rotation, axes=(1, 2))
+
+
+def all_views(x):
+    """The 8 views of a batch as one batch (8 * B, S, S, C), view after view."""
+    return jnp.concatenate(dihedral_views(x))
+
+
+def mean_over_views(outputs):
+    """Per-image outputs of `all_views(x)` (8 * B, ...) -> their mean over the 8 views (B, ...)."""
+    return outputs.reshape(TTA_VIEWS, -1, *outputs.shape[1:]).mean(0)
