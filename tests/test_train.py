@@ -206,6 +206,37 @@ def test_calibrate_command_refits_and_records_other_sources(trained_run, synthet
     assert checkpoint.read_metadata(ckpt)["metrics"]["val"]["n"] == 2 * before["metrics"]["val"]["n"]
 
 
+def test_soup_command_averages_every_weight_and_drops_what_described_one_member(tmp_path):
+    from test_app import make_tiny_checkpoint
+    from model.networks import WEIGHTS
+    first = make_tiny_checkpoint(tmp_path / "first", seed=0)
+    second_model, second_metadata = checkpoint.load_model(make_tiny_checkpoint(tmp_path / "seed1", seed=1))
+    # Batch-norm statistics differ between members too: they must be averaged, not taken from one.
+    nnx.update(second_model, jax.tree.map(lambda a: a + 1.0, nnx.state(second_model, nnx.BatchStat)))
+    second_metadata["operating_point"] = {"threshold": 0.3}
+    checkpoint.save(tmp_path / "second", 1, second_model, second_metadata)
+
+    done = run_cli("soup", "--checkpoint", first, "--checkpoint", tmp_path / "second", "--out", tmp_path / "soup")
+    assert done.returncode == 0, done.stderr
+    assert "calibrate" in done.stdout
+    members = [nnx.state(checkpoint.load_model(p)[0], WEIGHTS) for p in (first, tmp_path / "second")]
+    soup_model, metadata = checkpoint.load_model(tmp_path / "soup")
+    expected = jax.tree.map(lambda a, b: (a + b) / 2, *members)
+    for got, want, one in zip(jax.tree.leaves(nnx.state(soup_model, WEIGHTS)), jax.tree.leaves(expected),
+                              jax.tree.leaves(members[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(got, one) for got, one in zip(jax.tree.leaves(nnx.state(soup_model, nnx.BatchStat)),
+                                                             jax.tree.leaves(nnx.state(members[0], nnx.BatchStat))))
+    assert len(metadata["soup"]["members"]) == 2 and metadata["classes"] == second_metadata["classes"]
+    assert "temperature" not in metadata and "operating_point" not in metadata  # refit by calibrate, not inherited
+    assert Predictor.load(tmp_path / "soup").operating_threshold is None
+
+    make_tiny_checkpoint(tmp_path / "other_size", size=48)
+    refused = run_cli("soup", "--checkpoint", first, "--checkpoint", tmp_path / "other_size", "--out", tmp_path / "no")
+    assert refused.returncode != 0 and "image_size" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "no").exists()
+
+
 DATA_PARALLEL_STEPS = """
 import json, numpy as np, jax, jax.numpy as jnp
 from model.networks import build
