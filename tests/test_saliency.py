@@ -371,6 +371,7 @@ def test_one_pass_prediction_and_map_equal_the_two_separate_calls(tmp_path, tta)
     assert both["heat"].shape == (3, SIZE, SIZE)
     for image, c, heat in zip(batch, top, both["heat"]):
         np.testing.assert_allclose(heat, p.explain(image, class_index=int(c)), atol=1e-5)
+        np.testing.assert_allclose(heat, p.explain(image), atol=1e-5)   # the top class found in the same pass
 
 
 @pytest.mark.parametrize("resize", ["squash", "center"])
