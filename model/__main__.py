@@ -99,13 +99,6 @@ def cmd_fuse(args):
                       "with_clinical": {k: result["val"][k] for k in result["image_only_val"]}}, indent=2))
 
 
-def cmd_soup(args):
-    from .checkpoint import soup
-    metadata = soup(args.checkpoint, args.out)
-    print(f"wrote {args.out}: the mean of {', '.join(metadata['soup']['members'])}. It is uncalibrated: run "
-          f"`python -m model calibrate --checkpoint {args.out} --csv VALIDATION_SET` before using it.")
-
-
 def cmd_info(args):
     """A readable summary of the checkpoint's metadata; `--json`: all of it (OOD statistics too)."""
     from .checkpoint import read_metadata
@@ -294,11 +287,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--csv", required=True, help="split file with a `split` column (train/val) and metadata")
     p.set_defaults(run=cmd_fuse)
-
-    p = sub.add_parser("soup", help="average the weights of checkpoints fine-tuned from one start (a model soup)")
-    p.add_argument("--checkpoint", required=True, action="append", help="a member; repeat for each")
-    p.add_argument("--out", required=True, help="folder for the averaged checkpoint")
-    p.set_defaults(run=cmd_soup)
 
     p = sub.add_parser("info", help="a readable summary of a checkpoint's metadata (--json: all of it)")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")

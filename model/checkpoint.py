@@ -10,8 +10,7 @@ A checkpoint directory is an orbax CheckpointManager directory (one numbered ste
               masks the uninterrupted run would have drawn
   progress  : (training runs only) epoch, history, best score, for --resume
 A training workdir holds `latest/` (for --resume) and `best/` (by validation balanced accuracy);
-`best/` is what the predictor, `evaluate` and the app load. `soup` writes one checkpoint whose weights
-are the mean of several.
+`best/` is what the predictor, `evaluate` and the app load.
 
 Trained on several processes, every process calls `save` and `restore_training` (orbax writes each
 array once, process 0 the JSON items); `load_model` restores onto one local device, whatever mesh wrote it.
@@ -180,36 +179,3 @@ def update_metadata(path, metadata: dict):
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps({**keep, "format": FORMAT}))
     os.replace(tmp, target)
-
-
-# What a soup must share with its members for the mean of their weights to be one network with one input.
-SOUP_MUST_MATCH = ("arch", "arch_config", "classes", "task", "image_size", "resize", "normalisation", "tta")
-# What described a member's own weights and is wrong for their mean until refitted or re-measured:
-# `python -m model calibrate` refits the first three, `benchmark --record` and the saliency bench the rest.
-SOUP_STALE = ("temperature", "operating_point", "ood", "metrics", "saliency", "clinical_fusion")
-
-
-def soup(paths, out) -> dict:
-    """A uniform weight soup (Wortsman et al. 2022): one checkpoint whose parameters and batch-norm
-    statistics are the mean of several checkpoints fine-tuned from the same start (the same
-    pretrained weights and recipe, e.g. two augmentation settings). One network of a member's size
-    and cost; the members must share architecture, classes and preprocessing. Its calibration and
-    measurements are left out: calibrate it on validation data before use. Returns its metadata."""
-    if len(paths) < 2:
-        raise UserError("a soup needs at least two checkpoints (repeat --checkpoint)")
-    members = [load_model(path) for path in paths]
-    first = members[0][1]
-    for path, (_, metadata) in zip(paths[1:], members[1:]):
-        differ = [key for key in SOUP_MUST_MATCH if metadata.get(key) != first.get(key)]
-        if differ:
-            raise UserError(f"{path}: differs from {paths[0]} in {', '.join(differ)}; only checkpoints of one "
-                            f"architecture, classes and preprocessing can be averaged")
-    weights = [nnx.state(model, WEIGHTS) for model, _ in members]
-    model = members[0][0]
-    nnx.update(model, jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *weights))
-    metadata = {key: value for key, value in first.items()
-                if key not in (*SOUP_STALE, "checkpoint_id", "checkpoint_path")}
-    metadata["soup"] = {"members": [m["checkpoint_id"] for _, m in members],
-                        "rule": "uniform mean of parameters and batch-norm statistics"}
-    save(out, 0, model, metadata)
-    return read_metadata(out)

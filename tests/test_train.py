@@ -206,7 +206,12 @@ def test_calibrate_command_refits_and_records_other_sources(trained_run, synthet
     assert checkpoint.read_metadata(ckpt)["metrics"]["val"]["n"] == 2 * before["metrics"]["val"]["n"]
 
 
-def test_soup_command_averages_every_weight_and_drops_what_described_one_member(tmp_path):
+def run_soup(*args):
+    return subprocess.run([sys.executable, "bench/weight_soup.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_weight_soup_averages_every_weight_and_drops_what_described_one_member(tmp_path):
     from test_app import make_tiny_checkpoint
     from model.networks import WEIGHTS
     first = make_tiny_checkpoint(tmp_path / "first", seed=0)
@@ -216,7 +221,7 @@ def test_soup_command_averages_every_weight_and_drops_what_described_one_member(
     second_metadata["operating_point"] = {"threshold": 0.3}
     checkpoint.save(tmp_path / "second", 1, second_model, second_metadata)
 
-    done = run_cli("soup", "--checkpoint", first, "--checkpoint", tmp_path / "second", "--out", tmp_path / "soup")
+    done = run_soup(first, tmp_path / "second", "--out", tmp_path / "soup")
     assert done.returncode == 0, done.stderr
     assert "calibrate" in done.stdout
     members = [nnx.state(checkpoint.load_model(p)[0], WEIGHTS) for p in (first, tmp_path / "second")]
@@ -232,7 +237,7 @@ def test_soup_command_averages_every_weight_and_drops_what_described_one_member(
     assert Predictor.load(tmp_path / "soup").operating_threshold is None
 
     make_tiny_checkpoint(tmp_path / "other_size", size=48)
-    refused = run_cli("soup", "--checkpoint", first, "--checkpoint", tmp_path / "other_size", "--out", tmp_path / "no")
+    refused = run_soup(first, tmp_path / "other_size", "--out", tmp_path / "no")
     assert refused.returncode != 0 and "image_size" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "no").exists()
 
