@@ -130,6 +130,7 @@ RECIPES = {
     # validation part; the dermatoscope's field of view cropped out of its black frame. 160 px for 5
     # epochs: 88 min on 2 CPU cores; mean per-source validation balanced accuracy 0.672 against 0.670
     # at 128 px / 4 epochs (docs/RESULTS.md, session 12; BCN_20000 itself comes as 84 px thumbnails).
+    # Trained without the crop (--resize squash) it scores the same within noise (session 14).
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
