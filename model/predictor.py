@@ -251,20 +251,20 @@ class Predictor:
             raise ValueError(f"frame must be 'model' or 'image', not {frame!r}")
         images = self.prepare([image])
         method = method or self.default_method
-        if method in saliency.CAM_METHODS and not kwargs and class_index is None:
-            # The top class and its map from one pass, as the app's first reply gets them.
+        fast = method in saliency.CAM_METHODS and not kwargs   # the default and the chat's CAMs: jitted paths
+        if fast and class_index is None:   # the top class and its map from one pass, as the app's first reply
             shift = self.with_clinical(np.zeros((1, len(self.classes)), np.float32))
             heat = np.asarray(forward_and_explain(self.graphdef, self.state, images, self.norm, self.tta, shift,
                                                   method)[2])[0]
-            return self.to_image_frame(heat, image) if frame == "image" else heat
-        if class_index is None:
-            class_index = int(self.predict(images).argmax())
-        ci = jnp.asarray([class_index], jnp.int32)
-        if method in saliency.CAM_METHODS and not kwargs:   # the chat's follow-ups: the fast path
-            heat = np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method, self.tta))[0]
         else:
-            x = preprocess(jnp.asarray(images), self.norm)
-            heat = saliency.explain(self.model, x, ci, method=method, **kwargs)[0]
+            if class_index is None:
+                class_index = int(self.predict(images).argmax())
+            ci = jnp.asarray([class_index], jnp.int32)
+            if fast:
+                heat = np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method, self.tta))[0]
+            else:
+                heat = saliency.explain(self.model, preprocess(jnp.asarray(images), self.norm), ci, method=method,
+                                        **kwargs)[0]
         return self.to_image_frame(heat, image) if frame == "image" else heat
 
     def to_image_frame(self, heat: np.ndarray, image, out_size=None) -> np.ndarray:
