@@ -26,7 +26,7 @@ from model.networks import WEIGHTS  # noqa: E402
 MUST_MATCH = ("arch", "arch_config", "classes", "task", "image_size", "resize", "normalisation", "tta")
 # What described one member's weights and is wrong for their mean until refitted (`python -m model
 # calibrate`: the first three) or re-measured (`benchmark --record`, the saliency bench).
-STALE = ("temperature", "operating_point", "ood", "metrics", "saliency", "clinical_fusion")
+STALE = ("temperature", "operating_point", "ood", "metrics", "saliency", "clinical_fusion", "prior_correction")
 
 
 def soup(paths, out) -> dict:

@@ -76,7 +76,7 @@ def cmd_calibrate(args):
     val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                 [r for p in parts for r in p.records])
     sources = np.repeat(names, [len(p.labels) for p in parts])
-    result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None)
+    result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None, args.prior_tau)
     external = record_external(predictor, args.external_eval or [])
     print(json.dumps({**{k: result[k] for k in ("temperature", "ece_before", "ece_after")},
                       "operating_point": {**predictor.metadata.get("operating_point", {}),
@@ -156,6 +156,9 @@ def cmd_info(args):
                      f"{num(ood.get('entropy_threshold'))} (validation pass rate "
                      f"{num(ood.get('validation_pass_rate'), '.1%')})")
     lines.append(f"Clinical fusion      {'age, sex and body site' if md.get('clinical_fusion') else 'none (image only)'}")
+    prior = md.get("prior_correction") or {}
+    lines.append("Prior correction     " + (f"logits minus {num(prior.get('tau'), 'g')} x log(training class frequency)"
+                                          if prior else "none"))
 
     data = (md.get("training") or {}).get("data") or {}
     if data:
@@ -281,6 +284,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="the split to use where a --csv names none")
     p.add_argument("--external_eval", action="append", metavar="SPEC",
                    help="also evaluate on another source (CSV[:split,...]) and store it in the checkpoint")
+    p.add_argument("--prior_tau", type=float, default=None, metavar="TAU",
+                   help="decide with logits minus TAU x log(training class frequency): 0.5 for a model trained "
+                        "with sqrt class weights, 0 removes the correction; default: keep the checkpoint's")
     p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("fuse", help="fit age/sex/site fusion on a split's train rows, recalibrate on its val rows")

@@ -9,6 +9,9 @@
   With several validation sources it is lowered, where needed, until it also flags that share
   of each source's melanomas: one clinic's melanomas can score lower than another's, and a
   pooled threshold would under-flag them (docs/RESULTS.md, session 10's rule);
+- optionally, a prior correction (logit adjustment, Menon et al. 2021): the decision logits are
+  the network's minus tau * log(training class frequency), so the arg-max stops favouring the
+  common classes (tau = 0.5 turns sqrt class weights into inverse ones; docs/RESULTS.md session 15);
 - per-subgroup metrics (sex, age band, body site) so users see where the model is weaker;
 - optionally, the clinical-metadata fusion (model/clinical.py), fitted on the training split
   before the temperature so that the temperature calibrates the fused prediction.
@@ -16,6 +19,7 @@
 import numpy as np
 
 from . import checkpoint, clinical, metrics
+from .errors import UserError
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OPERATING_SENSITIVITY = 0.9
@@ -66,12 +70,33 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
     return pooled, rule
 
 
-def calibrate(predictor, val, classes, sources=None) -> dict:
+def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
+    """The `prior_correction` metadata for `tau` (None for 0): the prior is the pooled training
+    class frequency that the checkpoint's training metadata records."""
+    if not tau:
+        return None
+    counts = metadata.get("training", {}).get("data", {}).get("train_class_counts") or {}
+    missing = [c for c in classes if not counts.get(c)]
+    if missing:
+        raise UserError(f"the checkpoint's metadata gives no training images for {', '.join(missing)}, so it has "
+                        "no prior to correct; calibrate it without --prior_tau.")
+    total = sum(counts[c] for c in classes)
+    return {"tau": float(tau), "prior": {c: counts[c] / total for c in classes}}
+
+
+def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = None) -> dict:
     """Fit temperature, operating point and OOD gate on the validation split; write them into the checkpoint.
 
-    `sources` names each validation image's source, for the per-source melanoma operating point."""
+    `sources` names each validation image's source, for the per-source melanoma operating point.
+    `prior_tau` sets the prior correction the rest is fitted after (0 removes it; None keeps the
+    checkpoint's own)."""
+    if prior_tau is not None:
+        predictor.metadata.pop("prior_correction", None)
+        correction = prior_correction(predictor.metadata, classes, prior_tau)
+        if correction:
+            predictor.metadata["prior_correction"] = correction
     image_logits, pooled = predictor.forward_arrays(val.images)
-    logits = predictor.with_clinical(image_logits, val.records)
+    logits = predictor.decision_logits(image_logits, val.records)
     before = metrics.classification_metrics(metrics.softmax(logits), val.labels, list(classes), n_bootstrap=0)
     temperature = metrics.fit_temperature(logits, val.labels)
     probs = metrics.softmax(logits, temperature)

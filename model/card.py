@@ -93,6 +93,16 @@ def clinical_use(metadata: dict) -> str:
             "the note gives them.")
 
 
+def prior_use(metadata: dict) -> list[str]:
+    correction = metadata.get("prior_correction")
+    if not correction:
+        return []
+    return [f"**Prior correction:** each class's score is divided by its training frequency to the power "
+            f"{correction['tau']:g} before the arg-max and the probabilities (logit adjustment), so the common "
+            "classes (nevus above all) do not out-vote the rare ones; it trades accuracy on common classes for "
+            "balanced accuracy.", ""]
+
+
 def _subgroup_lines(subgroups: dict) -> list[str]:
     lines = ["| group | value | n | balanced accuracy | malignant AUC |", "|---|---|---|---|---|"]
     for group, cells in subgroups.items():
@@ -399,7 +409,7 @@ def model_card_markdown(metadata: dict) -> str:
               + (" · test-time augmentation" if md.get("tta") else ""), ""]
     if resize in RESIZE_MODES:
         lines += [f"**Resize `{resize}`:** {RESIZE_MODES[resize]}.", ""]
-    lines += [clinical_use(md), "",
+    lines += [clinical_use(md), ""] + prior_use(md) + [
               "### Classes", "", "| code | name |", "|---|---|"]
     lines += [f"| `{c}` | {n} |" for c, n in zip(classes, names)]
     if "akiec" in classes:

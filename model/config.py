@@ -67,6 +67,8 @@ class TrainConfig:
     class_weighting: str = _option("sqrt", "loss weight per class: none, sqrt (inverse square root of "
                                            "the frequency) or inverse (inverse frequency)",
                                    CLASS_WEIGHTING_CHOICES)
+    prior_tau: float = _option(0.0, "calibrate with a prior correction: decide with logits minus prior_tau x "
+                                    "log(training class frequency); 0.5 turns sqrt class weights into inverse")
     sampling: str = _option("uniform", "batch sampling: uniform, balanced (each class equally often), "
                                        "sources (each source equally often) or sources_balanced "
                                        "(both)", SAMPLING_CHOICES)

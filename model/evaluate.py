@@ -29,7 +29,7 @@ class Split:
 
 def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
     """Metrics of the predictor on a cached split, and its (clinically fused) logits."""
-    logits = predictor.with_clinical(predictor.logits_from_arrays(split.images, tta), split.records)
+    logits = predictor.decision_logits(predictor.logits_from_arrays(split.images, tta), split.records)
     probs = predictor.probabilities(logits)  # with the temperature once calibrated
     return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,
                                           operating_threshold=predictor.operating_threshold), logits

@@ -151,13 +151,19 @@ class Predictor:
     def logits_from_arrays(self, images_u8, tta=None) -> np.ndarray:
         return self.forward_arrays(images_u8, tta)[0]
 
-    def with_clinical(self, logits: np.ndarray, people=None) -> np.ndarray:
-        """Logits shifted by age/sex/site where the checkpoint fuses them; `people`: objects with
-        .age/.sex/.site (data.Record), one per row, or None when nothing is known (missing values)."""
-        if not self.uses_clinical:
-            return logits
-        features = clinical.encode(people) if people is not None else np.tile(clinical.encode_one(), (len(logits), 1))
-        return clinical.fuse(logits, features, self.metadata["clinical_fusion"])
+    def decision_logits(self, logits: np.ndarray, people=None) -> np.ndarray:
+        """The network's logits as the checkpoint decides with them: shifted by age/sex/site where it
+        fuses them (`people`: objects with .age/.sex/.site, data.Record, one per row, or None when
+        nothing is known) and by its prior correction where it has one (model/calibration.py)."""
+        if self.uses_clinical:
+            features = (clinical.encode(people) if people is not None
+                        else np.tile(clinical.encode_one(), (len(logits), 1)))
+            logits = clinical.fuse(logits, features, self.metadata["clinical_fusion"])
+        correction = self.metadata.get("prior_correction")
+        if correction:
+            log_prior = np.log([correction["prior"][c] for c in self.classes])
+            logits = logits - np.float32(correction["tau"]) * log_prior.astype(np.float32)
+        return logits
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Softmax with the temperature fitted on validation (1.0 until calibrated)."""
@@ -167,7 +173,7 @@ class Predictor:
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, images, tta=None, people=None) -> np.ndarray:
-        return self.probabilities(self.with_clinical(self.logits_from_arrays(self.prepare(images), tta), people))
+        return self.probabilities(self.decision_logits(self.logits_from_arrays(self.prepare(images), tta), people))
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         return probs[:, malignant_indices(self.classes)].sum(axis=1)
@@ -215,7 +221,7 @@ class Predictor:
             top = out["probs"].argmax(axis=1)
             out["heat"] = np.stack([self.explain(image, class_index=int(c)) for image, c in zip(images, top)])
             return out
-        shift = self.with_clinical(np.zeros((len(images), len(self.classes)), np.float32), people)
+        shift = self.decision_logits(np.zeros((len(images), len(self.classes)), np.float32), people)
         logits, pooled, heat = in_calls(
             lambda u8, s: forward_and_explain(self.graphdef, self.state, u8, self.norm, self.tta, s,
                                               self.default_method),
@@ -225,7 +231,7 @@ class Predictor:
         return out
 
     def _summary(self, logits, pooled, people) -> dict:
-        probs = self.probabilities(self.with_clinical(logits, people))
+        probs = self.probabilities(self.decision_logits(logits, people))
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
@@ -253,7 +259,7 @@ class Predictor:
         method = method or self.default_method
         fast = method in saliency.CAM_METHODS and not kwargs   # the default and the chat's CAMs: jitted paths
         if fast and class_index is None:   # the top class and its map from one pass, as the app's first reply
-            shift = self.with_clinical(np.zeros((1, len(self.classes)), np.float32))
+            shift = self.decision_logits(np.zeros((1, len(self.classes)), np.float32))
             heat = np.asarray(forward_and_explain(self.graphdef, self.state, images, self.norm, self.tta, shift,
                                                   method)[2])[0]
         else:

@@ -384,7 +384,7 @@ def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes,
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))
-    result = calibrate(predictor, val, classes, val_sources)
+    result = calibrate(predictor, val, classes, val_sources, cfg.prior_tau)
     result["external"] = record_external(predictor, cfg.external_eval)
     if distributed.is_main():
         (workdir / "results.json").write_text(json.dumps(metrics.to_jsonable(result), indent=2))

@@ -72,8 +72,8 @@ def test_training_with_clinical_fusion_stores_and_uses_it(synthetic_data, tmp_pa
     records = load_dataset(str(synthetic_data.ham_dir)).records[:4]
     images = predictor.prepare([r.path for r in records])
     logits = predictor.logits_from_arrays(images)
-    known = predictor.with_clinical(logits, records)
-    unknown = predictor.with_clinical(logits)  # nothing known: the "missing" shift, not the image alone
+    known = predictor.decision_logits(logits, records)
+    unknown = predictor.decision_logits(logits)  # nothing known: the "missing" shift, not the image alone
     assert not np.allclose(known, logits) and not np.allclose(unknown, known)
     np.testing.assert_allclose(predictor.predict(images, people=records), predictor.probabilities(known), atol=1e-5)
 

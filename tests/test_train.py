@@ -206,6 +206,53 @@ def test_calibrate_command_refits_and_records_other_sources(trained_run, synthet
     assert checkpoint.read_metadata(ckpt)["metrics"]["val"]["n"] == 2 * before["metrics"]["val"]["n"]
 
 
+def test_prior_correction_is_stored_by_calibrate_and_used_by_every_prediction(trained_run, tmp_path):
+    from model.evaluate import labelled_split
+    workdir, _ = trained_run
+    ckpt = tmp_path / "best"
+    shutil.copytree(workdir / "best", ckpt)
+    counts = checkpoint.read_metadata(ckpt)["training"]["data"]["train_class_counts"]
+    plain = Predictor.load(ckpt)
+    val = labelled_split(plain, workdir / "split.csv", "val")
+    raw = plain.logits_from_arrays(val.images)
+
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val",
+                   "--prior_tau", "0.5")
+    assert done.returncode == 0, done.stderr
+    corrected = Predictor.load(ckpt)
+    correction = corrected.metadata["prior_correction"]
+    total = sum(counts.values())
+    assert correction["tau"] == 0.5
+    assert correction["prior"] == pytest.approx({c: n / total for c, n in counts.items()})
+    log_prior = np.log([correction["prior"][c] for c in corrected.classes])
+    np.testing.assert_allclose(corrected.decision_logits(raw), raw - 0.5 * log_prior, rtol=1e-6, atol=1e-6)
+    # What every command and the app serve goes through it: the probabilities are those of the shifted logits.
+    probs = corrected.predict(val.images)
+    z = (raw - 0.5 * log_prior) / corrected.metadata["temperature"]
+    np.testing.assert_allclose(probs, np.exp(z) / np.exp(z).sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    # The shift favours rare classes: no image leaves the rarest class, none joins the commonest.
+    rarest, commonest = (corrected.classes.index(f(counts, key=counts.get)) for f in (min, max))
+    before, after = raw.argmax(1), probs.argmax(1)
+    assert (after[before == rarest] == rarest).all() and (before[after == commonest] == commonest).all()
+    assert "Prior correction:" in run_cli("card", "--checkpoint", ckpt).stdout
+    assert "Prior correction     logits minus 0.5 x log" in run_cli("info", "--checkpoint", ckpt).stdout
+
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val",
+                   "--prior_tau", "0")
+    assert done.returncode == 0, done.stderr
+    assert "prior_correction" not in checkpoint.read_metadata(ckpt)
+    np.testing.assert_allclose(Predictor.load(ckpt).decision_logits(raw), raw)
+
+
+def test_prior_correction_without_training_counts_says_what_to_do(tmp_path):
+    from test_app import make_tiny_checkpoint
+    from model.calibration import prior_correction
+    metadata = checkpoint.read_metadata(make_tiny_checkpoint(tmp_path / "tiny"))
+    with pytest.raises(UserError, match="no training images for .*without --prior_tau"):
+        prior_correction(metadata, metadata["classes"], 0.5)
+    assert prior_correction(metadata, metadata["classes"], 0.0) is None
+
+
 def run_soup(*args):
     return subprocess.run([sys.executable, "bench/weight_soup.py", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
