@@ -10,6 +10,7 @@ file's training rows. tau = 1 is the Bayes rule for balanced accuracy on a model
 class weights; a model trained with weights w_c ~ prior^-k has already moved by k, so the
 principled tau is 1 - k (0.5 for sqrt weights, 0 for inverse weights). The other columns are for
 reading only: choosing tau by the validation number and reporting that number would be optimistic.
+A checkpoint decides with a correction once `python -m model calibrate --prior_tau TAU` has stored it.
 """
 import sys
 from pathlib import Path
