@@ -73,6 +73,9 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
 def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
     """The `prior_correction` metadata for `tau` (None for 0): the prior is the pooled training
     class frequency that the checkpoint's training metadata records."""
+    if tau < 0:
+        raise UserError(f"--prior_tau {tau:g} would favour the common classes further; use a value from 0 "
+                        "(no correction) to 1 (the balanced rule for a model trained without class weights).")
     if not tau:
         return None
     counts = metadata.get("training", {}).get("data", {}).get("train_class_counts") or {}

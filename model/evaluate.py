@@ -28,7 +28,7 @@ class Split:
 
 
 def evaluate_split(predictor: Predictor, split: Split, classes, n_bootstrap=200, tta=None) -> tuple[dict, np.ndarray]:
-    """Metrics of the predictor on a cached split, and its (clinically fused) logits."""
+    """Metrics of the predictor on a cached split, and its decision logits (fused, prior-corrected)."""
     logits = predictor.decision_logits(predictor.logits_from_arrays(split.images, tta), split.records)
     probs = predictor.probabilities(logits)  # with the temperature once calibrated
     return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,

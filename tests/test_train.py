@@ -162,7 +162,7 @@ def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
     """SIGKILL a real `python train.py` after its first epoch checkpoint, then --resume it."""
     workdir = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--recipe", "smoke", "--data", str(synthetic_data_shared.ham_dir),
-           "--workdir", str(workdir), "--val_frac", "0.34", "--epochs", "6", "--no-pretrained"]
+           "--workdir", str(workdir), "--val_frac", "0.34", "--epochs", "6", "--no-pretrained", "--prior_tau", "0.5"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while checkpoint.latest_step(workdir / "latest") is None and time.time() < deadline and proc.poll() is None:
@@ -178,6 +178,7 @@ def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (workdir / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert checkpoint.latest_step(workdir / "latest") == 6
+    assert checkpoint.read_metadata(workdir)["prior_correction"]["tau"] == 0.5  # the run's settings, calibrated in
 
 
 def test_calibrate_command_refits_and_records_other_sources(trained_run, synthetic_data_shared, tmp_path):
@@ -251,6 +252,8 @@ def test_prior_correction_without_training_counts_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="no training images for .*without --prior_tau"):
         prior_correction(metadata, metadata["classes"], 0.5)
     assert prior_correction(metadata, metadata["classes"], 0.0) is None
+    with pytest.raises(UserError, match="from 0 .no correction. to 1"):
+        prior_correction(metadata, metadata["classes"], -0.5)
 
 
 def run_soup(*args):
