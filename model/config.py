@@ -133,6 +133,8 @@ RECIPES = {
     # epochs: 88 min on 2 CPU cores; mean per-source validation balanced accuracy 0.672 against 0.670
     # at 128 px / 4 epochs (docs/RESULTS.md, session 12; BCN_20000 itself comes as 84 px thumbnails).
     # Trained without the crop (--resize squash) it scores the same within noise (session 14).
+    # Without BCN_20000: BCN validation 0.399. Inverse class weights, trained or as --prior_tau 0.5, cost
+    # malignant AUC (session 15).
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
