@@ -263,14 +263,11 @@ class Predictor:
             heat = np.asarray(forward_and_explain(self.graphdef, self.state, images, self.norm, self.tta, shift,
                                                   method)[2])[0]
         else:
-            if class_index is None:
-                class_index = int(self.predict(images).argmax())
-            ci = jnp.asarray([class_index], jnp.int32)
-            if fast:
-                heat = np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method, self.tta))[0]
-            else:
-                heat = saliency.explain(self.model, preprocess(jnp.asarray(images), self.norm), ci, method=method,
-                                        **kwargs)[0]
+            ci = jnp.asarray([int(self.predict(images).argmax()) if class_index is None else class_index], jnp.int32)
+            heat = (np.asarray(explain_cam(self.graphdef, self.state, images, self.norm, ci, method, self.tta))[0]
+                    if fast else
+                    saliency.explain(self.model, preprocess(jnp.asarray(images), self.norm), ci, method=method,
+                                     **kwargs)[0])
         return self.to_image_frame(heat, image) if frame == "image" else heat
 
     def to_image_frame(self, heat: np.ndarray, image, out_size=None) -> np.ndarray:
