@@ -130,8 +130,9 @@ RECIPES = {
                                 dtype="bfloat16"),
     # Several sources (HAM10000, ISIC 2017 train/val, BCN_20000), each with its own lesion-grouped
     # validation part; the dermatoscope's field of view cropped out of its black frame. 160 px for 5
-    # epochs: 88 min on 2 CPU cores; mean per-source validation balanced accuracy 0.672 against 0.670
-    # at 128 px / 4 epochs (docs/RESULTS.md, session 12; BCN_20000 itself comes as 84 px thumbnails).
+    # epochs: 59 min alone on 2 CPU cores (88 shared); mean per-source validation balanced accuracy
+    # 0.672 against 0.670 at 128 px / 4 epochs (docs/RESULTS.md, session 12; BCN_20000 itself comes as
+    # 84 px thumbnails). A reseed alone moves that mean by 0.019 (session 16's F1).
     # Trained without the crop (--resize squash) it scores the same within noise (session 14).
     # Without BCN_20000: BCN validation 0.399. Inverse class weights, trained or as --prior_tau 0.5, cost
     # malignant AUC (session 15).
@@ -165,7 +166,7 @@ RECIPE_PURPOSES = {
     "quick": "the peer's budget (128 px, 4 epochs, ~25 min): best in-domain, transfers poorly",
     "heavy_aug": "quick's budget with heavier augmentation: slower to learn in-domain, transfers better",
     "default_accelerator": "default with room to learn (224 px, 30 epochs, bfloat16), for a GPU",
-    "multisource": "the bundled model: HAM10000 + ISIC 2017 + BCN_20000, field-of-view crop, 160 px (~1.5 h on 2 CPU cores)",
+    "multisource": "the bundled model: HAM10000 + ISIC 2017 + BCN_20000, field-of-view crop, 160 px (~1 h on 2 idle CPU cores)",
     "smoke": "a few steps on tiny images: the real code path, for tests and debugging",
 }
 
