@@ -130,9 +130,9 @@ RECIPES = {
                                 dtype="bfloat16"),
     # Several sources (HAM10000, ISIC 2017 train/val, BCN_20000), each with its own lesion-grouped
     # validation part; the dermatoscope's field of view cropped out of its black frame. 160 px for 5
-    # epochs: 59 min alone on 2 CPU cores (88 shared); mean per-source validation balanced accuracy
+    # epochs: 53-59 min alone on 2 CPU cores (88 shared); mean per-source validation balanced accuracy
     # 0.672 against 0.670 at 128 px / 4 epochs (docs/RESULTS.md, session 12; BCN_20000 itself comes as
-    # 84 px thumbnails). Seeds 1 and 2 score 0.690 and 0.692 (session 16's F1, F2).
+    # 84 px thumbnails). Seeds 1 and 2 score 0.690 and 0.692 (F1, F2 under session 16's rule).
     # Trained without the crop (--resize squash) it scores the same within noise (session 14).
     # Without BCN_20000: BCN validation 0.399. Inverse class weights, trained or as --prior_tau 0.5, cost
     # malignant AUC (session 15).
