@@ -15,7 +15,7 @@ SHARED_DATA = "../shared/data"
 TASK_CHOICES = ("ham7", "binary")                              # model.classes.TASKS
 RESIZE_CHOICES = ("squash", "center", "fov")                   # model.images.MODES
 CLASS_WEIGHTING_CHOICES = ("none", "sqrt", "inverse")          # model.train_step
-SAMPLING_CHOICES = ("uniform", "balanced", "sources", "sources_balanced")  # model.train
+SAMPLING_CHOICES = ("uniform", "balanced", "sources", "sources_balanced", "sources_malignancy")  # model.pipeline
 DTYPE_CHOICES = ("float32", "bfloat16")
 
 
@@ -70,8 +70,9 @@ class TrainConfig:
     prior_tau: float = _option(0.0, "calibrate with a prior correction: decide with logits minus prior_tau x "
                                     "log(training class frequency); 0.5 turns sqrt class weights into inverse")
     sampling: str = _option("uniform", "batch sampling: uniform, balanced (each class equally often), "
-                                       "sources (each source equally often) or sources_balanced "
-                                       "(both)", SAMPLING_CHOICES)
+                                       "sources (each source equally often), sources_balanced (both) or "
+                                       "sources_malignancy (each source, then its malignant and benign "
+                                       "lesions, then their classes equally often)", SAMPLING_CHOICES)
     mixup: float = _option(0.0, "Beta(a, a) mixup strength; 0 turns it off")
     cutmix: float = _option(0.0, "Beta(a, a) CutMix strength (a box pasted from another image); "
                                  "0: off")

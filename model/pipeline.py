@@ -14,26 +14,43 @@ from .train_step import process_rows, shard_batch
 
 
 def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int,
-                sources: np.ndarray | None = None) -> np.ndarray:
+                sources: np.ndarray | None = None, malignant: list[int] | None = None) -> np.ndarray:
     """Indices for one epoch: a permutation, or a weighted draw of the same length.
 
     "balanced": each class equally often. "sources": each training source equally often.
     "sources_balanced": each source equally often, and each of its classes equally often within it.
+    "sources_malignancy": each source equally often, within it its malignant and benign lesions
+    equally often (the classes in `malignant`), and within those each class equally often.
     """
     if sampling == "uniform":
         return rng.permutation(len(labels))
-    if sampling == "balanced":
-        weight = 1.0 / np.bincount(labels)[labels]
-    elif sampling in ("sources", "sources_balanced"):
-        _, src = np.unique(sources, return_inverse=True)
-        weight = 1.0 / np.bincount(src)[src]
-        if sampling == "sources_balanced":
-            cell = src * num_classes + labels
-            classes_in_source = np.bincount(np.unique(cell) // num_classes)
-            weight = 1.0 / (np.bincount(cell)[cell] * classes_in_source[src])
-    else:
-        raise UserError(f"unknown sampling {sampling!r}; choose uniform, balanced, sources or sources_balanced")
+    if sampling not in SAMPLING_LEVELS:
+        raise UserError(f"unknown sampling {sampling!r}; choose uniform, {', '.join(SAMPLING_LEVELS)}")
+    levels = {"source": lambda: sources, "class": lambda: labels,
+              "malignancy": lambda: np.isin(labels, malignant or [])}
+    weight = nested_equal_shares([np.asarray(levels[name]()) for name in SAMPLING_LEVELS[sampling]])
     return rng.choice(len(labels), size=len(labels), replace=True, p=weight / weight.sum())
+
+
+# What each weighted draw balances, outermost first.
+SAMPLING_LEVELS = {"balanced": ("class",), "sources": ("source",), "sources_balanced": ("source", "class"),
+                   "sources_malignancy": ("source", "malignancy", "class")}
+
+
+def nested_equal_shares(levels: list[np.ndarray]) -> np.ndarray:
+    """Each item's weight when every value of levels[0] gets an equal share of the draw, every value of
+    levels[1] an equal share of its levels[0] group, and so on; items within the innermost group equally."""
+    weight = np.ones(len(levels[0]))
+    group = np.zeros(len(levels[0]), dtype=np.int64)
+    for level in levels:
+        _, codes = np.unique(level, return_inverse=True)
+        _, child = np.unique(np.stack([group, codes.ravel()], axis=1), axis=0, return_inverse=True)
+        child = child.ravel()
+        parent_of_child = np.zeros(child.max() + 1, dtype=np.int64)
+        parent_of_child[child] = group
+        weight /= np.bincount(parent_of_child)[group]   # the group's share splits among its children
+        group = child
+    return weight / np.bincount(group)[group]
 
 
 def global_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch: int, steps: int,

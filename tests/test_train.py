@@ -414,6 +414,22 @@ def test_source_balanced_sampling_gives_each_source_an_equal_share():
         epoch_order(np.random.default_rng(0), labels, "by_colour", 3, sources)
 
 
+def test_malignancy_sampling_makes_half_of_every_source_malignant():
+    from model.train import epoch_order
+    # "big" has malignant classes 0 and 1 (1 rare) and benign 2; "small" has one malignant class in four
+    labels = np.array([0] * 300 + [1] * 20 + [2] * 680 + [0] * 25 + [2] * 25 + [3] * 50)
+    sources = np.array(["big"] * 1000 + ["small"] * 100)
+    order = epoch_order(np.random.default_rng(0), labels, "sources_malignancy", 4, sources, malignant=[0, 1])
+    assert 0.45 < (sources[order] == "small").mean() < 0.55
+    for name in ("big", "small"):
+        drawn = labels[order[sources[order] == name]]
+        assert 0.45 < np.isin(drawn, [0, 1]).mean() < 0.55, name
+    big = labels[order[sources[order] == "big"]]
+    assert 0.2 < (big == 1).mean() < 0.3          # each malignant class half of the malignant draws
+    small = labels[order[sources[order] == "small"]]
+    assert 0.2 < (small == 2).mean() < 0.3 and 0.2 < (small == 3).mean() < 0.3
+
+
 def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_data_shared, tmp_path, capsys):
     from model.__main__ import main
     workdir, _ = trained_run

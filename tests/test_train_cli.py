@@ -41,7 +41,7 @@ def test_help_describes_every_flag_with_default_and_choices():
     assert "(default: 128, from recipe quick)" in flags["--image_size"]     # the recipe's value
     assert "(default: inverse, from recipe quick)" in flags["--class_weighting"]
     for flag, choices in {"--task": "ham7, binary", "--resize": "squash, center, fov",
-                          "--sampling": "uniform, balanced, sources, sources_balanced",
+                          "--sampling": "uniform, balanced, sources, sources_balanced, sources_malignancy",
                           "--class_weighting": "none, sqrt, inverse",
                           "--dtype": "float32, bfloat16"}.items():
         assert f"[{choices}]" in flags[flag], flag
