@@ -136,7 +136,9 @@ RECIPES = {
     # 84 px thumbnails). Seeds 1 and 2 score 0.690 and 0.692 (F1, F2 under session 16's rule).
     # Trained without the crop (--resize squash) it scores the same within noise (session 14).
     # Without BCN_20000: BCN validation 0.399. Inverse class weights, trained or as --prior_tau 0.5, cost
-    # malignant AUC (session 15).
+    # malignant AUC (session 15). --sampling sources_balanced / sources_malignancy with --class_weighting
+    # none: 0.711 / 0.716, HAM10000 0.754 / 0.753, but melanoma recall or specificity at the sensitive
+    # threshold short of session 14's condition (3); not bundled (session 18, one seed each).
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
