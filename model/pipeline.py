@@ -13,8 +13,8 @@ from .errors import UserError
 from .train_step import process_rows, shard_batch
 
 
-def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, num_classes: int,
-                sources: np.ndarray | None = None, malignant: list[int] | None = None) -> np.ndarray:
+def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, sources: np.ndarray | None = None,
+                malignant: list[int] | None = None) -> np.ndarray:
     """Indices for one epoch: a permutation, or a weighted draw of the same length.
 
     "balanced": each class equally often. "sources": each training source equally often.

@@ -293,7 +293,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         # the same order.
         rng = np.random.default_rng([cfg.seed, epoch])
         key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
-        order = epoch_order(rng, train.labels, cfg.sampling, num_classes, train_sources, malignant_indices(classes))
+        order = epoch_order(rng, train.labels, cfg.sampling, train_sources, malignant_indices(classes))
         model.train()
         losses, preds, seen, t0 = [], [], [], time.time()
         batches = prefetch(global_batches(train.images, train.labels, order, batch, steps_per_epoch, mesh))

@@ -405,13 +405,13 @@ def test_source_balanced_sampling_gives_each_source_an_equal_share():
     from model.train import epoch_order
     labels = np.array([0] * 900 + [1] * 100 + [0] * 50 + [2] * 50)
     sources = np.array(["big"] * 1000 + ["small"] * 100)
-    order = epoch_order(np.random.default_rng(0), labels, "sources_balanced", 3, sources)
+    order = epoch_order(np.random.default_rng(0), labels, "sources_balanced", sources)
     share_small = (sources[order] == "small").mean()
     assert 0.45 < share_small < 0.55
     big = order[sources[order] == "big"]
     assert 0.45 < (labels[big] == 1).mean() < 0.55  # classes balanced within a source
     with pytest.raises(UserError, match="sampling"):
-        epoch_order(np.random.default_rng(0), labels, "by_colour", 3, sources)
+        epoch_order(np.random.default_rng(0), labels, "by_colour", sources)
 
 
 def test_malignancy_sampling_makes_half_of_every_source_malignant():
@@ -419,7 +419,7 @@ def test_malignancy_sampling_makes_half_of_every_source_malignant():
     # "big" has malignant classes 0 and 1 (1 rare) and benign 2; "small" has one malignant class in four
     labels = np.array([0] * 300 + [1] * 20 + [2] * 680 + [0] * 25 + [2] * 25 + [3] * 50)
     sources = np.array(["big"] * 1000 + ["small"] * 100)
-    order = epoch_order(np.random.default_rng(0), labels, "sources_malignancy", 4, sources, malignant=[0, 1])
+    order = epoch_order(np.random.default_rng(0), labels, "sources_malignancy", sources, malignant=[0, 1])
     assert 0.45 < (sources[order] == "small").mean() < 0.55
     for name in ("big", "small"):
         drawn = labels[order[sources[order] == name]]
