@@ -26,9 +26,8 @@ def epoch_order(rng: np.random.Generator, labels: np.ndarray, sampling: str, sou
         return rng.permutation(len(labels))
     if sampling not in SAMPLING_LEVELS:
         raise UserError(f"unknown sampling {sampling!r}; choose uniform, {', '.join(SAMPLING_LEVELS)}")
-    levels = {"source": lambda: sources, "class": lambda: labels,
-              "malignancy": lambda: np.isin(labels, malignant or [])}
-    weight = nested_equal_shares([np.asarray(levels[name]()) for name in SAMPLING_LEVELS[sampling]])
+    levels = {"source": sources, "class": labels, "malignancy": np.isin(labels, malignant or [])}
+    weight = nested_equal_shares([np.asarray(levels[name]) for name in SAMPLING_LEVELS[sampling]])
     return rng.choice(len(labels), size=len(labels), replace=True, p=weight / weight.sum())
 
 
