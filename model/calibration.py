@@ -6,9 +6,10 @@
 - a high-sensitivity operating point: the malignant-probability threshold at which
   OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
   misses many melanomas and users should see what a sensitive cut-off costs in specificity.
-  With several validation sources it is lowered, where needed, until it also flags that share
-  of each source's melanomas: one clinic's melanomas can score lower than another's, and a
-  pooled threshold would under-flag them (docs/RESULTS.md, session 10's rule);
+  With several validation sources it is lowered, where needed and as far as specificity allows,
+  until it also flags that share of each source's melanomas: one clinic's melanomas can score
+  lower than another's, and a pooled threshold would under-flag them (docs/RESULTS.md, sessions
+  10 and 19);
 - optionally, a prior correction (logit adjustment, Menon et al. 2021): the decision logits are
   the network's minus tau * log(training class frequency), so the arg-max stops favouring the
   common classes (tau = 0.5 turns sqrt class weights into inverse ones; docs/RESULTS.md session 15);
@@ -24,7 +25,7 @@ from .errors import UserError
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OPERATING_SENSITIVITY = 0.9
 MIN_SOURCE_MELANOMAS = 10     # fewer give a threshold that one lesion moves
-MIN_SPECIFICITY = 0.5         # below this the per-source threshold flags too much: keep the pooled one
+MIN_SPECIFICITY = 0.5         # pooled and per source: a lower threshold flags too many benign lesions
 
 
 def ood_statistics(pooled: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -45,8 +46,9 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
     """The operating threshold and how it was chosen (`operating_point` metadata, less the threshold).
 
     Pooled: flags OPERATING_SENSITIVITY of malignant validation lesions. With `sources` (one name
-    per image), also that share of each source's melanomas where it has MIN_SOURCE_MELANOMAS; the
-    lowest threshold wins unless its pooled specificity falls under MIN_SPECIFICITY."""
+    per image), lowered towards the threshold that flags that share of each source's melanomas (where
+    it has MIN_SOURCE_MELANOMAS), as far as the pooled specificity and each source's own stay at least
+    MIN_SPECIFICITY; sources whose melanomas would need a lower threshold are named as unprotected."""
     split = metrics.malignant_split(probs, labels, classes)
     if split is None or not split[1].any():
         return None, {}
@@ -57,17 +59,22 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
         return pooled, rule
     melanoma = labels == list(classes).index("mel")
     sources = np.asarray(sources)
+    names = list(dict.fromkeys(sources.tolist()))
     per_source = {str(name): metrics.threshold_for_sensitivity(score[sources == name], melanoma[sources == name],
                                                                OPERATING_SENSITIVITY)
-                  for name in dict.fromkeys(sources.tolist())
-                  if (melanoma & (sources == name)).sum() >= MIN_SOURCE_MELANOMAS}
-    lowest = min([pooled, *per_source.values()])
-    specificity = float((score[~malignant] < lowest).mean())
+                  for name in names if (melanoma & (sources == name)).sum() >= MIN_SOURCE_MELANOMAS}
+    benign_sets = [~malignant] + [~malignant & (sources == name) for name in names]
+
+    def affordable(threshold):
+        return all((score[benign] < threshold).mean() >= MIN_SPECIFICITY for benign in benign_sets if benign.any())
+
+    # Specificity only rises with the threshold, so the first affordable candidate is the lowest one.
+    chosen = next((t for t in sorted(per_source.values()) if t < pooled and affordable(t)), pooled)
     rule["per_source_melanoma_thresholds"] = per_source
-    if lowest < pooled and specificity >= MIN_SPECIFICITY:
+    rule["unprotected_sources"] = [name for name, t in per_source.items() if t < chosen]
+    if chosen < pooled:
         rule["rule"] = "per-source melanoma"
-        return lowest, rule
-    return pooled, rule
+    return chosen, rule
 
 
 def prior_correction(metadata: dict, classes, tau: float) -> dict | None:

@@ -149,6 +149,18 @@ def test_card_of_a_multisource_run_shows_sources_fov_and_per_source_validation()
     assert "ISIC 2019 (" not in card                        # BCN_20000 is named, not repeated as ISIC 2019
 
 
+def test_card_names_the_sources_whose_melanomas_the_sensitive_threshold_does_not_protect():
+    metadata = multisource_metadata()
+    metadata["operating_point"] = {"target_sensitivity": 0.9, "rule": "per-source melanoma", "threshold": 0.202,
+                                   "per_source_melanoma_thresholds": {"ham10000": 0.202, "isic2017": 0.098},
+                                   "unprotected_sources": ["isic2017"]}
+    metadata["metrics"]["val"]["operating_point"] = {"threshold": 0.202, "malignant_sensitivity": 0.93,
+                                                     "malignant_specificity": 0.6, "melanoma_flagged": 0.9}
+    card = model_card_markdown(metadata)
+    assert ("(malignant probability ≥ 0.202, chosen on validation for 90% sensitivity of the malignant lesions and "
+            "of each source's melanomas; not for isic2017's melanomas, whose own threshold") in card
+
+
 def test_card_of_minimal_metadata_still_renders():
     card = model_card_markdown({"arch": "simple_cnn", "classes": ["benign", "malignant"], "image_size": 32,
                                 "training": {"data": {"source": "somewhere/Skin_Data"}}})

@@ -188,6 +188,45 @@ def test_operating_point_keeps_the_pooled_threshold_when_per_source_would_flag_m
     threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
     assert threshold == pooled and rule["rule"] == "pooled malignant"
     assert rule["per_source_melanoma_thresholds"]["b"] < pooled  # computed, then refused
+    assert rule["unprotected_sources"] == ["b"]
+
+
+def _add_clinic(probs, labels, sources, name, melanoma_scores, nevus_scores):
+    mel, nv = HAM.index("mel"), HAM.index("nv")
+    scores = np.concatenate([melanoma_scores, nevus_scores])
+    extra = np.zeros((len(scores), len(HAM)))
+    extra[:, mel], extra[:, nv] = scores, 1 - scores
+    return (np.concatenate([probs, extra]),
+            np.concatenate([labels, [mel] * len(melanoma_scores) + [nv] * len(nevus_scores)]),
+            np.concatenate([sources, [name] * len(scores)]))
+
+
+def test_operating_point_protects_the_sources_it_can_afford_when_one_would_cost_too_much():
+    from model.calibration import sensitive_threshold
+    # b's melanomas need ~0.33 (affordable); two of c's ten score below its nevi: flagging 9 flags them all
+    probs, labels, sources = _two_clinics(np.linspace(0.3, 0.6, 20))
+    probs, labels, sources = _add_clinic(probs, labels, sources, "c", np.r_[np.full(8, 0.9), 0.0, 0.0],
+                                         np.full(20, 0.02))
+    pooled, _ = sensitive_threshold(probs, labels, HAM)
+    threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
+    assert threshold < pooled
+    assert rule["rule"] == "per-source melanoma" and rule["unprotected_sources"] == ["c"]
+    assert threshold == rule["per_source_melanoma_thresholds"]["b"]
+    assert (probs[40:60, HAM.index("mel")] >= threshold).mean() >= 0.9
+
+
+def test_operating_point_refuses_a_threshold_that_flags_most_of_one_sources_benign_lesions():
+    from model.calibration import sensitive_threshold
+    # c's melanomas need ~0.18, which keeps the pooled specificity high but flags 3 in 4 of c's own nevi
+    probs, labels, sources = _two_clinics(np.linspace(0.3, 0.6, 20))
+    probs, labels, sources = _add_clinic(probs, labels, sources, "c", np.linspace(0.1, 0.9, 20),
+                                         np.r_[np.full(15, 0.2), np.full(5, 0.02)])
+    nevi = probs[labels == HAM.index("nv"), HAM.index("mel")]
+    assert (nevi < 0.1).mean() >= 0.75     # the pooled specificity alone would allow it
+    pooled, _ = sensitive_threshold(probs, labels, HAM)
+    threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
+    assert rule["unprotected_sources"] == ["c"] and rule["per_source_melanoma_thresholds"]["c"] < 0.2
+    assert threshold == pooled > 0.2
 
 
 def test_ece_perfectly_calibrated_is_near_zero_and_overconfident_is_not():
