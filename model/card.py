@@ -231,8 +231,8 @@ def _val_lines(metadata: dict, classes, names) -> list[str]:
             if stored.get("rule") == "per-source melanoma":
                 chosen += " of the malignant lesions and of each source's melanomas"
             if stored.get("unprotected_sources"):
-                chosen += (f"; not for {', '.join(stored['unprotected_sources'])}'s melanomas, whose own threshold "
-                           f"would flag more than half of a source's benign lesions")
+                chosen += (f"; not to that share of the melanomas of {' and '.join(stored['unprotected_sources'])}: "
+                           "a threshold low enough flags more than half of some source's benign lesions")
             lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, {chosen}): "
                       f"malignant sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
                       f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged "

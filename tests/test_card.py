@@ -158,7 +158,8 @@ def test_card_names_the_sources_whose_melanomas_the_sensitive_threshold_does_not
                                                      "malignant_specificity": 0.6, "melanoma_flagged": 0.9}
     card = model_card_markdown(metadata)
     assert ("(malignant probability ≥ 0.202, chosen on validation for 90% sensitivity of the malignant lesions and "
-            "of each source's melanomas; not for isic2017's melanomas, whose own threshold") in card
+            "of each source's melanomas; not to that share of the melanomas of isic2017: a threshold low enough "
+            "flags more than half of some source's benign lesions)") in card
 
 
 def test_card_of_minimal_metadata_still_renders():
