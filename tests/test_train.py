@@ -379,12 +379,16 @@ def _write_challenge_source(root: Path, write_image) -> Path:
     return root
 
 
-def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic_data, tmp_path, write_image):
+def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic_data, tmp_path, write_image,
+                                                                      capsys):
     bcn = _write_challenge_source(tmp_path / "bcn", write_image)
     workdir = tmp_path / "run"
     cfg = smoke_config(synthetic_data.ham_dir, workdir, epochs=1, sampling="sources_balanced")
     cfg.data = [str(synthetic_data.ham_dir), f"barcelona={bcn}"]
+    assert cfg.class_weighting == "sqrt"
     train_and_evaluate(cfg)
+    assert ("WARNING: --sampling sources_balanced already draws each class equally often; --class_weighting sqrt "
+            "weights the rare classes again") in capsys.readouterr().out
     data = checkpoint.read_metadata(workdir / "best")["training"]["data"]
     sources = {s["name"]: s for s in data["sources"]}
     assert set(sources) == {"ham", "barcelona"}
