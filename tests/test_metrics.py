@@ -229,6 +229,18 @@ def test_operating_point_refuses_a_threshold_that_flags_most_of_one_sources_beni
     assert threshold == pooled > 0.2
 
 
+def test_prior_correction_refuses_a_model_trained_on_a_class_balanced_draw():
+    from model.calibration import prior_correction
+    from model.errors import UserError
+    counts = {c: n for c, n in zip(HAM, (300, 500, 1000, 100, 1000, 6000, 100))}
+    metadata = {"training": {"data": {"train_class_counts": counts}, "config": {"sampling": "uniform"}}}
+    assert prior_correction(metadata, HAM, 0.5)["prior"]["nv"] == pytest.approx(6000 / 9000)
+    metadata["training"]["config"]["sampling"] = "sources_malignancy"
+    with pytest.raises(UserError, match="--sampling sources_malignancy.*without --prior_tau"):
+        prior_correction(metadata, HAM, 0.5)
+    assert prior_correction(metadata, HAM, 0) is None          # removing a correction is always allowed
+
+
 def test_ece_perfectly_calibrated_is_near_zero_and_overconfident_is_not():
     rng = np.random.default_rng(5)
     logits = rng.normal(scale=2.0, size=(40000, 5))
