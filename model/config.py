@@ -138,7 +138,9 @@ RECIPES = {
     # Without BCN_20000: BCN validation 0.399. Inverse class weights, trained or as --prior_tau 0.5, cost
     # malignant AUC (session 15). --sampling sources_balanced / sources_malignancy with --class_weighting
     # none: 0.711 / 0.716, HAM10000 0.754 / 0.753, but melanoma recall or specificity at the sensitive
-    # threshold short of session 14's condition (3); not bundled (session 18, one seed each).
+    # threshold short of session 14's condition (3); not bundled (session 18, one seed each). Session 19:
+    # sources_malignancy won a rule counting issue 14's bars, but its unusual-image gate passes noise and a
+    # text page (F's flags both), so F stays until the gate holds for it.
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
