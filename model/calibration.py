@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checkpoint, clinical, metrics
 from .errors import UserError
-from .pipeline import SAMPLING_LEVELS
+from .pipeline import balances_classes
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OPERATING_SENSITIVITY = 0.9
@@ -87,8 +87,8 @@ def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
     if not tau:
         return None
     sampling = metadata.get("training", {}).get("config", {}).get("sampling", "uniform")
-    if "class" in SAMPLING_LEVELS.get(sampling, ()):
-        raise UserError(f"this checkpoint was trained on a draw that shows every class equally often (--sampling "
+    if balances_classes(sampling):
+        raise UserError(f"this checkpoint was trained on a draw that evens out the classes (--sampling "
                         f"{sampling}), so the training class frequency is not the prior it learned; calibrate it "
                         "without --prior_tau.")
     counts = metadata.get("training", {}).get("data", {}).get("train_class_counts") or {}

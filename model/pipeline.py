@@ -36,6 +36,12 @@ SAMPLING_LEVELS = {"balanced": ("class",), "sources": ("source",), "sources_bala
                    "sources_malignancy": ("source", "malignancy", "class")}
 
 
+def balances_classes(sampling: str) -> bool:
+    """Whether the draw evens out the classes (within sources or malignancy groups) instead of following
+    their training frequency, so class weights or a prior correction from that frequency count rarity twice."""
+    return "class" in SAMPLING_LEVELS.get(sampling, ())
+
+
 def nested_equal_shares(levels: list[np.ndarray]) -> np.ndarray:
     """Each item's weight when every value of levels[0] gets an equal share of the draw, every value of
     levels[1] an equal share of its levels[0] group, and so on; items within the innermost group equally."""

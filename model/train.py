@@ -27,7 +27,7 @@ from .data import load_labelled, parse_source
 from .errors import UserError
 from .images import build_cache, default_cache_dir
 from .networks import build
-from .pipeline import SAMPLING_LEVELS, epoch_order, global_batches, prefetch
+from .pipeline import balances_classes, epoch_order, global_batches, prefetch
 from .predictor import EVAL_BATCH, Predictor, forward
 from .preprocess import Normalisation
 from .splits import make_split, not_in, read_split, write_split
@@ -255,8 +255,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             f"no training images of {', '.join(untrained)} (the model cannot learn them)" if untrained else ""]))
               + ". Validation metrics, the best-epoch choice and the calibration will mean little; add images "
                 "or raise --val_frac.")
-    if "class" in SAMPLING_LEVELS.get(cfg.sampling, ()) and cfg.class_weighting != "none":
-        distributed.say(f"WARNING: --sampling {cfg.sampling} already draws each class equally often; "
+    if balances_classes(cfg.sampling) and cfg.class_weighting != "none":
+        distributed.say(f"WARNING: --sampling {cfg.sampling} already evens out the classes; "
                         f"--class_weighting {cfg.class_weighting} weights the rare classes again, counting their "
                         "rarity twice. Pass --class_weighting none unless that is what you want (docs/RESULTS.md, "
                         "session 18).")

@@ -387,7 +387,7 @@ def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic
     cfg.data = [str(synthetic_data.ham_dir), f"barcelona={bcn}"]
     assert cfg.class_weighting == "sqrt"
     train_and_evaluate(cfg)
-    assert ("WARNING: --sampling sources_balanced already draws each class equally often; --class_weighting sqrt "
+    assert ("WARNING: --sampling sources_balanced already evens out the classes; --class_weighting sqrt "
             "weights the rare classes again") in capsys.readouterr().out
     data = checkpoint.read_metadata(workdir / "best")["training"]["data"]
     sources = {s["name"]: s for s in data["sources"]}
