@@ -216,6 +216,10 @@ def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes,
 # ----------------------------------------------------------------------------------------------
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
+    if cfg.prior_tau and balances_classes(cfg.sampling):   # calibration would refuse it, after the whole run
+        raise UserError(f"--prior_tau {cfg.prior_tau:g} corrects for the training class frequency, but --sampling "
+                        f"{cfg.sampling} evens out the classes, so the model does not learn that frequency; "
+                        "drop one of the two.")
     workdir = Path(cfg.workdir)
     with distributed.main_first("prepare_data"):   # the others read the split and image cache process 0 wrote
         fresh = not workdir.exists()   # a run that fails on its data removes the workdir it made, never an older one

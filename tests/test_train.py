@@ -405,6 +405,13 @@ def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic
     assert log[0]["val_selection_score"] == pytest.approx(expected)
 
 
+def test_a_prior_correction_with_a_class_balanced_draw_is_refused_before_training(tmp_path):
+    cfg = smoke_config(tmp_path / "no_data_needed", tmp_path / "run", sampling="balanced", prior_tau=0.5)
+    with pytest.raises(UserError, match="--prior_tau 0.5 .* --sampling balanced evens out the classes"):
+        train_and_evaluate(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_source_balanced_sampling_gives_each_source_an_equal_share():
     from model.train import epoch_order
     labels = np.array([0] * 900 + [1] * 100 + [0] * 50 + [2] * 50)
