@@ -227,12 +227,15 @@ def _val_lines(metadata: dict, classes, names) -> list[str]:
         if point:
             stored = metadata.get("operating_point") or {}
             target = stored.get("target_sensitivity")
-            chosen = f"chosen on validation for {target:.0%} sensitivity" if target else "chosen on validation"
+            chosen = (f"chosen on validation for {target:.0%} sensitivity of the malignant lesions" if target
+                      else "chosen on validation")
             if stored.get("rule") == "per-source melanoma":
-                chosen += " of the malignant lesions and of each source's melanomas"
+                chosen += " and of each source's melanomas"
             if stored.get("unprotected_sources"):
-                chosen += (f"; not to that share of the melanomas of {' and '.join(stored['unprotected_sources'])}: "
-                           "a threshold low enough flags more than half of some source's benign lesions")
+                names = stored["unprotected_sources"]
+                listed = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+                chosen += (f"; fewer of the melanomas of {listed}: a threshold low enough for them flags more than "
+                           "half of some source's benign lesions")
             lines += ["", f"**Sensitive threshold** (malignant probability ≥ {point['threshold']:.3f}, {chosen}): "
                       f"malignant sensitivity {_fmt(point.get('malignant_sensitivity'))}, specificity "
                       f"{_fmt(point.get('malignant_specificity'))}, melanomas flagged "

@@ -158,8 +158,11 @@ def test_card_names_the_sources_whose_melanomas_the_sensitive_threshold_does_not
                                                      "malignant_specificity": 0.6, "melanoma_flagged": 0.9}
     card = model_card_markdown(metadata)
     assert ("(malignant probability ≥ 0.202, chosen on validation for 90% sensitivity of the malignant lesions and "
-            "of each source's melanomas; not to that share of the melanomas of isic2017: a threshold low enough "
-            "flags more than half of some source's benign lesions)") in card
+            "of each source's melanomas; fewer of the melanomas of isic2017: a threshold low enough for them flags "
+            "more than half of some source's benign lesions)") in card
+    metadata["operating_point"].update(rule="pooled malignant", unprotected_sources=["a", "b", "c"])
+    assert ("chosen on validation for 90% sensitivity of the malignant lesions; fewer of the melanomas of a, b "
+            "and c: a threshold") in model_card_markdown(metadata)
 
 
 def test_card_of_minimal_metadata_still_renders():
