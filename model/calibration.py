@@ -49,7 +49,8 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
     Pooled: flags OPERATING_SENSITIVITY of malignant validation lesions. With `sources` (one name
     per image), lowered towards the threshold that flags that share of each source's melanomas (where
     it has MIN_SOURCE_MELANOMAS), as far as the pooled specificity and each source's own stay at least
-    MIN_SPECIFICITY; sources whose melanomas would need a lower threshold are named as unprotected."""
+    MIN_SPECIFICITY. Sources whose stored per-source threshold lies below the chosen one are those it
+    could not protect (the model card names them)."""
     split = metrics.malignant_split(probs, labels, classes)
     if split is None or not split[1].any():
         return None, {}
@@ -72,25 +73,28 @@ def sensitive_threshold(probs, labels, classes, sources=None) -> tuple[float | N
     # Specificity only rises with the threshold, so the first affordable candidate is the lowest one.
     chosen = next((t for t in sorted(per_source.values()) if t < pooled and affordable(t)), pooled)
     rule["per_source_melanoma_thresholds"] = per_source
-    rule["unprotected_sources"] = [name for name, t in per_source.items() if t < chosen]
     if chosen < pooled:
         rule["rule"] = "per-source melanoma"
     return chosen, rule
 
 
-def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
-    """The `prior_correction` metadata for `tau` (None for 0): the prior is the pooled training
-    class frequency that the checkpoint's training metadata records."""
+def check_prior_tau(tau: float, sampling: str) -> None:
+    """Refuse a prior correction that cannot mean anything: before training (train.py) and at calibration."""
     if tau < 0:
         raise UserError(f"--prior_tau {tau:g} would favour the common classes further; use a value from 0 "
                         "(no correction) to 1 (the balanced rule for a model trained without class weights).")
+    if tau and balances_classes(sampling):
+        raise UserError(f"--prior_tau {tau:g} corrects for the training class frequency, but --sampling {sampling} "
+                        "evens out the classes, so the model does not learn that frequency; train or calibrate "
+                        "without --prior_tau.")
+
+
+def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
+    """The `prior_correction` metadata for `tau` (None for 0): the prior is the pooled training
+    class frequency that the checkpoint's training metadata records."""
+    check_prior_tau(tau, metadata.get("training", {}).get("config", {}).get("sampling", "uniform"))
     if not tau:
         return None
-    sampling = metadata.get("training", {}).get("config", {}).get("sampling", "uniform")
-    if balances_classes(sampling):
-        raise UserError(f"this checkpoint was trained on a draw that evens out the classes (--sampling "
-                        f"{sampling}), so the training class frequency is not the prior it learned; calibrate it "
-                        "without --prior_tau.")
     counts = metadata.get("training", {}).get("data", {}).get("train_class_counts") or {}
     missing = [c for c in classes if not counts.get(c)]
     if missing:

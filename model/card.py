@@ -231,8 +231,9 @@ def _val_lines(metadata: dict, classes, names) -> list[str]:
                       else "chosen on validation")
             if stored.get("rule") == "per-source melanoma":
                 chosen += " and of each source's melanomas"
-            if stored.get("unprotected_sources"):
-                names = stored["unprotected_sources"]
+            names = [n for n, t in (stored.get("per_source_melanoma_thresholds") or {}).items()
+                     if t < point["threshold"]]
+            if names:
                 listed = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
                 chosen += (f"; fewer of the melanomas of {listed}: a threshold low enough for them flags more than "
                            "half of some source's benign lesions")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, metrics, report
 from .evaluate import Split, record_external
 from .augment import AugmentConfig
+from .calibration import calibrate, check_prior_tau, fit_clinical_fusion
 from .config import TrainConfig
 from .classes import TASKS, malignant_indices
 from .data import load_labelled, parse_source
@@ -216,10 +217,7 @@ def validate(predictor: Predictor, val: Split, val_sources: np.ndarray, classes,
 # ----------------------------------------------------------------------------------------------
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
-    if cfg.prior_tau and balances_classes(cfg.sampling):   # calibration would refuse it, after the whole run
-        raise UserError(f"--prior_tau {cfg.prior_tau:g} corrects for the training class frequency, but --sampling "
-                        f"{cfg.sampling} evens out the classes, so the model does not learn that frequency; "
-                        "drop one of the two.")
+    check_prior_tau(cfg.prior_tau, cfg.sampling)   # calibration would refuse it, after the whole run
     workdir = Path(cfg.workdir)
     with distributed.main_first("prepare_data"):   # the others read the split and image cache process 0 wrote
         fresh = not workdir.exists()   # a run that fails on its data removes the workdir it made, never an older one
@@ -389,7 +387,6 @@ def finalize(cfg: TrainConfig, workdir: Path, train: Split, val: Split, classes,
 
     On several processes each computes it all on its first device, with the same result (no process
     waits on another); process 0 writes the metadata (`checkpoint.update_metadata`) and results.json."""
-    from .calibration import calibrate, fit_clinical_fusion  # noqa: PLC0415
     predictor = Predictor.load(workdir / "best")
     if cfg.clinical_fusion:
         fit_clinical_fusion(predictor, train, class_weights(train.labels, len(classes), cfg.class_weighting))

@@ -152,15 +152,15 @@ def test_card_of_a_multisource_run_shows_sources_fov_and_per_source_validation()
 def test_card_names_the_sources_whose_melanomas_the_sensitive_threshold_does_not_protect():
     metadata = multisource_metadata()
     metadata["operating_point"] = {"target_sensitivity": 0.9, "rule": "per-source melanoma", "threshold": 0.202,
-                                   "per_source_melanoma_thresholds": {"ham10000": 0.202, "isic2017": 0.098},
-                                   "unprotected_sources": ["isic2017"]}
+                                   "per_source_melanoma_thresholds": {"ham10000": 0.202, "isic2017": 0.098}}
     metadata["metrics"]["val"]["operating_point"] = {"threshold": 0.202, "malignant_sensitivity": 0.93,
                                                      "malignant_specificity": 0.6, "melanoma_flagged": 0.9}
     card = model_card_markdown(metadata)
     assert ("(malignant probability ≥ 0.202, chosen on validation for 90% sensitivity of the malignant lesions and "
             "of each source's melanomas; fewer of the melanomas of isic2017: a threshold low enough for them flags "
             "more than half of some source's benign lesions)") in card
-    metadata["operating_point"].update(rule="pooled malignant", unprotected_sources=["a", "b", "c"])
+    metadata["operating_point"].update(rule="pooled malignant",
+                                       per_source_melanoma_thresholds={"a": 0.1, "b": 0.15, "c": 0.2, "d": 0.3})
     assert ("chosen on validation for 90% sensitivity of the malignant lesions; fewer of the melanomas of a, b "
             "and c: a threshold") in model_card_markdown(metadata)
 
