@@ -101,6 +101,7 @@ def cmd_fuse(args):
 
 def cmd_info(args):
     """A readable summary of the checkpoint's metadata; `--json`: all of it (OOD statistics too)."""
+    from .card import gate_summary
     from .checkpoint import read_metadata
     md = read_metadata(args.checkpoint)
     if args.json:
@@ -152,9 +153,7 @@ def cmd_info(args):
         if point.get("threshold") is not None else "none (not calibrated)"))
     ood = md.get("ood") or {}
     if ood:
-        lines.append(f"Unusual-image gate   feature distance > {num(ood.get('threshold'))} or entropy > "
-                     f"{num(ood.get('entropy_threshold'))} (validation pass rate "
-                     f"{num(ood.get('validation_pass_rate'), '.1%')})")
+        lines.append(f"Unusual-image gate   {gate_summary(ood)}")
     lines.append(f"Clinical fusion      {'age, sex and body site' if md.get('clinical_fusion') else 'none (image only)'}")
     prior = md.get("prior_correction") or {}
     lines.append("Prior correction     " + (f"logits minus {num(prior.get('tau'), 'g')} x log(training class frequency)"

@@ -399,6 +399,25 @@ def _limitations(metadata: dict) -> list[str]:
             "where the model looked, not why a lesion is benign or malignant."]
 
 
+def gate_summary(ood: dict) -> str:
+    """The unusual-image gate (metadata["ood"], model/calibration.py) in words, for the card and `info`."""
+    gates = []
+    if "reference" in ood and ood.get("threshold") is not None:
+        k = int(ood["neighbours"])
+        nth = f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+        gates.append(f"cosine distance to the {nth} nearest of {ood['reference']['shape'][0]:,} "
+                     f"reference validation lesions above {ood['threshold']:.3f}")
+    if ood.get("entropy_threshold") is not None:
+        gates.append(f"predictive entropy above {ood['entropy_threshold']:.3f}")
+    text = " or ".join(gates) or "none"
+    if "class_means" in ood:
+        text += (" (this checkpoint's feature-distance gate predates the nearest-neighbour one and is not applied: "
+                 "recalibrate it with `python -m model calibrate`)")
+    elif ood.get("validation_pass_rate") is not None:
+        text += f" (passes {ood['validation_pass_rate']:.1%} of the validation lesions outside the reference)"
+    return text
+
+
 def model_card_markdown(metadata: dict) -> str:
     """The Markdown model card of a checkpoint, from its metadata dict alone."""
     md = dict(metadata or {})
@@ -427,10 +446,8 @@ def model_card_markdown(metadata: dict) -> str:
     lines += _benchmark_lines(md)
     lines += _tta_lines(md)
     lines += _saliency_lines(md)
-    ood = md.get("ood") or {}
-    if ood.get("threshold") is not None:
-        lines += ["", f"Unusual-image warning: feature distance above {ood['threshold']:.2f} "
-                  f"(passes {ood.get('validation_pass_rate', 0):.1%} of validation lesions)."]
+    if md.get("ood"):
+        lines += ["", f"Unusual-image warning: {gate_summary(md['ood'])}."]
     lines += ["", "### Intended use", "",
               md.get("intended_use") or
               "Research and education: showing how an image classifier for dermoscopic images "

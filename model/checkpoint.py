@@ -3,7 +3,8 @@
 A checkpoint directory is an orbax CheckpointManager directory (one numbered step inside) with items
   model     : Param and BatchStat arrays (nnx.state), restored into a model rebuilt from metadata
   metadata  : JSON: format, arch + its config, classes, task, image size, resize, normalisation,
-              temperature, training data summary, split file, validation metrics, versions
+              temperature, training data summary, split file, validation metrics, versions, and the
+              unusual-image gate's reference features (one float16 array, `pack_array`)
   optimizer : (training runs only) optimiser state, for --resume
   ema       : (training runs with --ema_decay only) the averaged weights, for --resume
   rngs      : (training runs only) how far each dropout stream has drawn, so --resume draws the
@@ -15,6 +16,8 @@ A training workdir holds `latest/` (for --resume) and `best/` (by validation bal
 Trained on several processes, every process calls `save` and `restore_training` (orbax writes each
 array once, process 0 the JSON items); `load_model` restores onto one local device, whatever mesh wrote it.
 """
+import base64
+import functools
 import hashlib
 import json
 import os
@@ -179,3 +182,22 @@ def update_metadata(path, metadata: dict):
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps({**keep, "format": FORMAT}))
     os.replace(tmp, target)
+
+
+def pack_array(array: np.ndarray) -> dict:
+    """A float16 array as JSON metadata: the gate's reference features travel in the one file that
+    `update_metadata` rewrites atomically, and base64 is a quarter the size of a list of numbers."""
+    array = np.ascontiguousarray(array, np.float16)
+    return {"shape": list(array.shape), "float16_base64": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def unpack_array(packed: dict) -> np.ndarray:
+    """`pack_array`'s array as float32 (decoded once per packed string: the app scores every upload)."""
+    return _decode(packed["float16_base64"], tuple(packed["shape"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _decode(data: str, shape: tuple) -> np.ndarray:
+    array = np.frombuffer(base64.b64decode(data), np.float16).reshape(shape).astype(np.float32)
+    array.flags.writeable = False
+    return array

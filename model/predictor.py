@@ -93,6 +93,17 @@ def in_calls(call, per_call: int, *arrays) -> list[np.ndarray]:
     return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
+def reference_distance(pooled: np.ndarray, gate: dict) -> np.ndarray:
+    """Cosine distance of pooled features to the k-th nearest of the gate's reference validation lesions
+    (model/calibration.py): 0 where the gate has no reference (a checkpoint calibrated before it had one)."""
+    if "reference" not in gate:
+        return np.zeros(len(pooled))
+    reference = checkpoint.unpack_array(gate["reference"])
+    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    k = int(gate["neighbours"])
+    return 1 - np.partition(unit @ reference.T, -k, axis=1)[:, -k]
+
+
 class Predictor:
     """Serves the weights `model` has when the predictor is made (switched to eval mode): after
     training changes them, make a new one."""
@@ -186,23 +197,15 @@ class Predictor:
 
     # --- "does this look like what the model was trained on?" ---
     def ood_score(self, pooled: np.ndarray) -> np.ndarray:
-        """Distance of pooled features to the nearest class mean, in units of the training spread.
-
-        Calibrated on validation lesions (see model/calibration.py); higher is more unusual.
-        """
-        ood = self.metadata.get("ood")
-        if not ood:
-            return np.zeros(len(pooled))
-        means, var = np.asarray(ood["class_means"]), np.asarray(ood["variance"])
-        d = ((pooled[:, None, :] - means[None]) ** 2 / var).mean(axis=2)
-        return d.min(axis=1)
+        """`reference_distance` to the checkpoint's unusual-image gate; higher is more unusual."""
+        return reference_distance(pooled, self.metadata.get("ood") or {})
 
     def normalised_entropy(self, probs: np.ndarray) -> np.ndarray:
         """Predictive entropy in [0, 1] (1 = uniform over the classes)."""
         return -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(axis=1) / np.log(len(self.classes))
 
     def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray) -> np.ndarray:
-        """True where the image is far from the training features or gets a near-uniform prediction."""
+        """True where the image is far from the reference lesions or gets a near-uniform prediction."""
         gate = self.metadata.get("ood", {})
         return (ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
 

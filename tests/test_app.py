@@ -260,9 +260,11 @@ def test_reply_places_malignancy_against_the_sensitive_threshold(ctx, monkeypatc
 
 
 def test_warning_comes_first_when_unsure_or_unusual(ctx, monkeypatch):
+    from model import checkpoint
+
     p = ctx.predictor
-    monkeypatch.setitem(p.metadata, "ood", {"class_means": [[0.0] * 16] * 7,
-                                            "variance": [1.0] * 16, "threshold": -1.0})
+    monkeypatch.setitem(p.metadata, "ood", {"neighbours": 1, "reference": checkpoint.pack_array(np.full((1, 16), 0.25)),
+                                            "threshold": -1.0})   # every image is unusual
     history, state = _chat(ctx, "", [SAMPLE])
     history, _ = _chat(ctx, "analyse anyway", history=history, state=state)
     reply = _assistant_texts(history)[-1]
@@ -274,11 +276,13 @@ def test_warning_comes_first_when_unsure_or_unusual(ctx, monkeypatch):
 def _gate_between(p, lesion: Path, other: Path) -> dict:
     """An unusual-image gate (metadata["ood"], as model/calibration.py writes it) centred on
     `lesion`'s features, its threshold halfway to `other`'s: `other` is unusual, `lesion` not."""
+    from model import checkpoint
+
     _, pooled = p.forward_arrays(p.prepare([Image.open(lesion), Image.open(other)]))
-    far = float(((pooled[1] - pooled[0]) ** 2).mean())
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    far = float(1 - unit[0] @ unit[1])   # the cosine distance the gate scores `other` with
     assert far > 0
-    return {"class_means": [pooled[0].tolist()] * len(p.classes),
-            "variance": [1.0] * pooled.shape[1], "threshold": far / 2}
+    return {"neighbours": 1, "reference": checkpoint.pack_array(unit[:1]), "threshold": far / 2}
 
 
 def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path, monkeypatch):

@@ -59,9 +59,24 @@ def synthetic_non_lesions(size=224):
             page, sky]
 
 
+def photographs_not_lesions() -> list[Path]:
+    """Real pictures people could drop by mistake, shipped with the libraries we depend on: a temple,
+    a flower, a portrait, a product photo, a logo, and a chart (the bundled model's learning curves)."""
+    import matplotlib
+    import sklearn.datasets
+
+    scikit = Path(sklearn.datasets.__file__).parent / "images"
+    sample_data = Path(matplotlib.get_data_path()) / "sample_data"
+    return [scikit / "china.jpg", scikit / "flower.jpg", sample_data / "grace_hopper.jpg",
+            sample_data / "Minduka_Present_Blue_Pack.png", sample_data / "logo2.png",
+            DEFAULT / "learning_curves.png"]
+
+
 def test_non_dermoscopy_images_are_flagged_and_lesions_pass(predictor):
     flagged = predictor.analyse([Image.fromarray(a) for a in synthetic_non_lesions()])["unusual"]
     assert flagged.mean() >= 0.8, flagged
+    flagged = predictor.analyse([Image.open(p).convert("RGB") for p in photographs_not_lesions()])["unusual"]
+    assert flagged.sum() >= 5, flagged
     samples = sorted(p for p in SAMPLES.glob("*.jpg"))
     assert samples, "bundled sample images are missing"
     passed = ~predictor.analyse(samples)["unusual"]

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import metrics as M  # noqa: E402
+from model import checkpoint, metrics as M  # noqa: E402
 from model.classes import BINARY_CLASSES, HAM_CLASSES  # noqa: E402
 
 HAM = list(HAM_CLASSES)
@@ -226,6 +226,33 @@ def test_operating_point_refuses_a_threshold_that_flags_most_of_one_sources_beni
     threshold, rule = sensitive_threshold(probs, labels, HAM, sources)
     assert rule["per_source_melanoma_thresholds"]["c"] < 0.2
     assert threshold == pooled > 0.2
+
+
+def test_unusual_image_gate_flags_features_among_no_lesions_even_at_their_mean():
+    from model.calibration import OOD_PASS_RATE, unusual_image_gate
+    from model.predictor import reference_distance
+
+    # Lesions' features on a ring: their mean, the ring's centre, is near none of them (where a
+    # class-mean distance scored noise and text pages as usual, docs/RESULTS.md session 20).
+    def lesions(n, seed):
+        rng = np.random.default_rng(seed)
+        angle = rng.uniform(0, 2 * np.pi, n)
+        x = np.zeros((n, 8))
+        x[:, 0], x[:, 1], x[:, 2] = 1.0, 0.5 * np.cos(angle), 0.5 * np.sin(angle)
+        return x + rng.normal(0, 0.01, x.shape)
+
+    val = lesions(3000, 0)
+    gate, held_out = unusual_image_gate(val)
+    reference = checkpoint.unpack_array(gate["reference"])
+    assert reference.shape == (1024, 8) and held_out.sum() == 3000 - 1024
+    assert np.allclose(np.linalg.norm(reference, axis=1), 1, atol=1e-3)
+    threshold = np.quantile(reference_distance(val[held_out], gate), OOD_PASS_RATE)
+    assert (reference_distance(lesions(500, 1), gate) <= threshold).mean() >= 0.95   # new lesions pass
+    centre, elsewhere = val.mean(0, keepdims=True), np.random.default_rng(2).normal(size=(20, 8))
+    assert (reference_distance(centre, gate) > 3 * threshold).all()
+    assert (reference_distance(elsewhere, gate) > threshold).all()
+    assert (reference_distance(elsewhere, {}) == 0).all()    # no reference, no distance gate
+    assert unusual_image_gate(val[:1])[0] == {}              # nothing to split
 
 
 def test_prior_correction_refuses_a_model_trained_on_a_class_balanced_draw():

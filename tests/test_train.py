@@ -60,7 +60,14 @@ def test_checkpoint_is_self_describing(trained_run):
     assert meta["training"]["data"]["split_file"].endswith("split.csv")
     assert "balanced_accuracy" in meta["metrics"]["val"] and meta["temperature"] > 0
     assert {"jax", "flax", "optax", "orbax-checkpoint"} <= set(meta["versions"])
-    assert len(meta["ood"]["class_means"]) == 7
+    # The unusual-image gate keeps half the validation lesions as its reference and sets its threshold on
+    # the other half; the features decode back to unit rows.
+    gate = meta["ood"]
+    reference = checkpoint.unpack_array(gate["reference"])
+    n = meta["metrics"]["val"]["n"]
+    assert reference.shape[0] == n // 2 and gate["validation_lesions_scored"] == n - n // 2
+    assert np.allclose(np.linalg.norm(reference, axis=1), 1, atol=1e-2) and gate["threshold"] > 0
+    assert 0 < gate["validation_pass_rate"] <= 1
     # The high-sensitivity operating point is fitted on validation and reported at its own threshold.
     point = meta["metrics"]["val"]["operating_point"]
     assert point["threshold"] == meta["operating_point"]["threshold"] and point["malignant_sensitivity"] >= 0.9
