@@ -101,7 +101,10 @@ def reference_distance(pooled: np.ndarray, gate: dict) -> np.ndarray:
     reference = checkpoint.unpack_array(gate["reference"])
     unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
     k = int(gate["neighbours"])
-    return 1 - np.partition(unit @ reference.T, -k, axis=1)[:, -k]
+    # einsum, not `@`: a BLAS matmul here wakes OpenBLAS's threads, whose spinning then slows the next
+    # XLA forward pass on a 2-core CPU by ~30 ms per request (bench/bench_app.py, docs/RESULTS.md session 20).
+    similarity = np.einsum("bd,nd->bn", unit, reference)
+    return 1 - np.partition(similarity, -k, axis=1)[:, -k]
 
 
 class Predictor:
