@@ -149,6 +149,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if not predictor.has_distance_gate:
+        print("note: this checkpoint has no unusual-image reference (calibrated before 2026-12-06, or never), so "
+              "only near-uniform predictions are flagged as not like a lesion; add it with `python -m model "
+              "calibrate --checkpoint DIR --csv VALIDATION_SET`.", flush=True)
     # Cases, overlays, exports and copies of uploads are medical images: every file this
     # server writes is private to the user it runs as (folders 0700, files 0600).
     os.umask(0o077)

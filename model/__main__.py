@@ -100,7 +100,7 @@ def cmd_fuse(args):
 
 
 def cmd_info(args):
-    """A readable summary of the checkpoint's metadata; `--json`: all of it (OOD statistics too)."""
+    """A readable summary of the checkpoint's metadata; `--json`: all of it (the gate's packed reference too)."""
     from .card import gate_summary
     from .checkpoint import read_metadata
     md = read_metadata(args.checkpoint)

@@ -186,7 +186,7 @@ def update_metadata(path, metadata: dict):
 
 def pack_array(array: np.ndarray) -> dict:
     """A float16 array as JSON metadata: the gate's reference features travel in the one file that
-    `update_metadata` rewrites atomically, and base64 is a quarter the size of a list of numbers."""
+    `update_metadata` rewrites atomically, and base64 takes ~2.7 bytes a number where a JSON list takes ~7."""
     array = np.ascontiguousarray(array, np.float16)
     return {"shape": list(array.shape), "float16_base64": base64.b64encode(array.tobytes()).decode("ascii")}
 

@@ -138,6 +138,12 @@ class Predictor:
         """True when the checkpoint fuses age, sex and body site with the image (model/clinical.py)."""
         return bool(self.metadata.get("clinical_fusion"))
 
+    @property
+    def has_distance_gate(self) -> bool:
+        """Whether images far from the reference validation lesions are flagged (a checkpoint calibrated
+        before the gate had a reference, or never calibrated, flags only near-uniform predictions)."""
+        return "reference" in (self.metadata.get("ood") or {})
+
     @classmethod
     def load(cls, path) -> "Predictor":
         model, metadata = checkpoint.load_model(path)

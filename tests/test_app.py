@@ -964,6 +964,7 @@ def test_app_start_collects_orphans_and_a_broken_data_folder_gets_a_clear_messag
     try:
         assert not orphan.exists()
         assert "Removed 1 image file(s) no case refers to" in app.log()
+        assert "this checkpoint has no unusual-image reference" in app.log()   # never calibrated
         # The data folder breaks while serving (a real OS error: the lock file is a folder).
         (db.parent / ".lock").unlink()
         (db.parent / ".lock").mkdir()

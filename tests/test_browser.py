@@ -51,6 +51,7 @@ def app(tmp_path_factory):
     checkpoint.update_metadata(ckpt, {**p.metadata,
                                       "ood": _gate_between(p, SAMPLE, _flat_image(root / "f.png"))})
     proc = AppProcess(ckpt, root / "history" / "cases.db").wait_ready()
+    assert "no unusual-image reference" not in proc.log()   # the gate above has one
     yield proc
     proc.stop()
 
