@@ -193,7 +193,11 @@ def pack_array(array: np.ndarray) -> dict:
 
 def unpack_array(packed: dict) -> np.ndarray:
     """`pack_array`'s array as float32 (decoded once per packed string: the app scores every upload)."""
-    return _decode(packed["float16_base64"], tuple(packed["shape"]))
+    try:
+        return _decode(packed["float16_base64"], tuple(packed["shape"]))
+    except (KeyError, TypeError, ValueError) as e:   # binascii.Error is a ValueError
+        raise UserError(f"an array in the checkpoint's metadata is damaged ({type(e).__name__}: {str(e)[:100]}); "
+                        "recalibrate the checkpoint with `python -m model calibrate`, or copy it again.")
 
 
 @functools.lru_cache(maxsize=4)

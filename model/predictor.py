@@ -122,6 +122,8 @@ class Predictor:
         self.resize = metadata.get("resize", "squash")
         self.norm = Normalisation.from_dict(metadata["normalisation"])
         self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
+        if self.has_distance_gate:   # decoded now: a damaged reference is refused at load, not at an upload
+            checkpoint.unpack_array(metadata["ood"]["reference"])
 
     @property
     def tta(self) -> bool:

@@ -73,6 +73,16 @@ def test_checkpoint_is_self_describing(trained_run):
     assert point["threshold"] == meta["operating_point"]["threshold"] and point["malignant_sensitivity"] >= 0.9
 
 
+def test_a_damaged_gate_reference_is_refused_at_load_with_what_to_do(trained_run, tmp_path):
+    workdir, _ = trained_run
+    copy = shutil.copytree(workdir / "best", tmp_path / "best")
+    meta = checkpoint.read_metadata(copy)
+    meta["ood"]["reference"]["float16_base64"] = meta["ood"]["reference"]["float16_base64"][:-8]  # cut short
+    checkpoint.update_metadata(copy, meta)
+    with pytest.raises(UserError, match="damaged.*python -m model calibrate"):
+        Predictor.load(copy)
+
+
 def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
     workdir, _ = trained_run
     done = subprocess.run([sys.executable, "bench/test_resolution.py", "--checkpoint", str(workdir / "best"),
