@@ -2,8 +2,8 @@
 
 - temperature scaling (Guo et al. 2017): probabilities that mean what they say;
 - an unusual-image gate: the cosine distance of an image's pooled features to its OOD_NEIGHBOURS-th
-  nearest reference validation lesion (Sun et al. 2022), with a threshold that OOD_PASS_RATE of the
-  other validation lesions pass (the app warns about the rest). Distances to class means failed for
+  nearest reference validation lesion (Sun et al. 2022; the reference drawn evenly from the sources),
+  with a threshold that OOD_PASS_RATE of the other validation lesions pass (the app warns about the rest). Distances to class means failed for
   models trained on source-balanced draws: noise and a text page landed near the means (docs/RESULTS.md,
   sessions 19 and 20);
 - a high-sensitivity operating point: the malignant-probability threshold at which
@@ -34,14 +34,22 @@ MIN_SOURCE_MELANOMAS = 10     # fewer give a threshold that one lesion moves
 MIN_SPECIFICITY = 0.5         # pooled and per source: a lower threshold flags too many benign lesions
 
 
-def unusual_image_gate(pooled: np.ndarray, seed: int = 0) -> tuple[dict, np.ndarray]:
+def unusual_image_gate(pooled: np.ndarray, sources=None, seed: int = 0) -> tuple[dict, np.ndarray]:
     """The gate's reference (a seeded draw of at most OOD_REFERENCE_SIZE validation lesions, at most half
     of them, L2-normalised) and the mask of the lesions left out of it, on which its threshold is set:
-    scored against a reference they are part of, lesions would look more usual than new ones do."""
+    scored against a reference they are part of, lesions would look more usual than new ones do.
+    With `sources` (one name per lesion) each source gets an equal quota (at most half of its own), so a
+    small source is not drowned by a large one (docs/RESULTS.md, session 20)."""
     if len(pooled) < 2:
         return {}, np.ones(len(pooled), bool)
-    order = np.random.default_rng(seed).permutation(len(pooled))
-    chosen = order[:min(OOD_REFERENCE_SIZE, len(pooled) // 2)]
+    rng = np.random.default_rng(seed)
+    sources = np.zeros(len(pooled)) if sources is None else np.asarray(sources)
+    names = list(dict.fromkeys(sources.tolist()))
+    quota = OOD_REFERENCE_SIZE // len(names)
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(sources == name))[:min(quota, (sources == name).sum() // 2)]
+                             for name in names])
+    if not len(chosen):   # no source has two lesions
+        return {}, np.ones(len(pooled), bool)
     held_out = np.ones(len(pooled), bool)
     held_out[chosen] = False
     reference = pooled[chosen] / np.maximum(np.linalg.norm(pooled[chosen], axis=1, keepdims=True), 1e-12)
@@ -138,7 +146,7 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
     after["temperature"] = temperature
     after["ece_before_temperature"] = before["ece"]
 
-    ood, held_out = unusual_image_gate(pooled)
+    ood, held_out = unusual_image_gate(pooled, sources)
     predictor.metadata["ood"] = ood
     distance, entropy = predictor.ood_score(pooled[held_out]), predictor.normalised_entropy(probs)
     if ood:

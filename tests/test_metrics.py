@@ -255,6 +255,19 @@ def test_unusual_image_gate_flags_features_among_no_lesions_even_at_their_mean()
     assert unusual_image_gate(val[:1])[0] == {}              # nothing to split
 
 
+def test_unusual_image_gate_draws_its_reference_evenly_from_the_sources():
+    from model.calibration import OOD_REFERENCE_SIZE, unusual_image_gate
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2100, 8))
+    sources = np.array(["big"] * 2000 + ["small"] * 100)
+    gate, held_out = unusual_image_gate(features, sources)
+    quota = OOD_REFERENCE_SIZE // 2
+    # the small source gives half its lesions (its cap), the big one its quota, not 95% of the reference
+    assert (~held_out[sources == "small"]).sum() == 50 and (~held_out[sources == "big"]).sum() == quota
+    assert checkpoint.unpack_array(gate["reference"]).shape == (quota + 50, 8)
+    assert unusual_image_gate(features[:3], ["a", "b", "c"])[0] == {}    # no source has two lesions
+
+
 def test_prior_correction_refuses_a_model_trained_on_a_class_balanced_draw():
     from model.calibration import prior_correction
     from model.errors import UserError
