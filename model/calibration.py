@@ -3,9 +3,9 @@
 - temperature scaling (Guo et al. 2017): probabilities that mean what they say;
 - an unusual-image gate: the cosine distance of an image's pooled features to its OOD_NEIGHBOURS-th
   nearest reference validation lesion (Sun et al. 2022; the reference drawn evenly from the sources),
-  with a threshold that OOD_PASS_RATE of the other validation lesions pass (the app warns about the rest). Distances to class means failed for
-  models trained on source-balanced draws: noise and a text page landed near the means (docs/RESULTS.md,
-  sessions 19 and 20);
+  with a threshold that OOD_PASS_RATE of the other validation lesions pass (the app warns about the
+  rest). Distances to class means failed for models trained on source-balanced draws: noise and a
+  text page landed near the means (docs/RESULTS.md, sessions 19 and 20);
 - a high-sensitivity operating point: the malignant-probability threshold at which
   OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
   misses many melanomas and users should see what a sensitive cut-off costs in specificity.
@@ -148,6 +148,7 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
 
     ood, held_out = unusual_image_gate(pooled, sources)
     predictor.metadata["ood"] = ood
+    # Scored through the predictor: the threshold sees the float16 reference that will serve.
     distance, entropy = predictor.ood_score(pooled[held_out]), predictor.normalised_entropy(probs)
     if ood:
         ood["threshold"] = float(np.quantile(distance, OOD_PASS_RATE))
@@ -156,7 +157,6 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
     # OOD_PASS_RATE of validation lesions, so together at least 95% pass.
     ood["entropy_threshold"] = float(np.quantile(entropy, OOD_PASS_RATE))
     ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(distance, entropy[held_out])))
-    ood["validation_lesions_scored"] = int(held_out.sum())
 
     predictor.metadata.update(temperature=temperature, ood=ood)
     if threshold is not None:

@@ -277,12 +277,13 @@ def _gate_between(p, lesion: Path, other: Path) -> dict:
     """An unusual-image gate (metadata["ood"], as model/calibration.py writes it) centred on
     `lesion`'s features, its threshold halfway to `other`'s: `other` is unusual, `lesion` not."""
     from model import checkpoint
+    from model.predictor import reference_distance
 
     _, pooled = p.forward_arrays(p.prepare([Image.open(lesion), Image.open(other)]))
-    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-    far = float(1 - unit[0] @ unit[1])   # the cosine distance the gate scores `other` with
+    gate = {"neighbours": 1, "reference": checkpoint.pack_array(pooled[:1] / np.linalg.norm(pooled[0]))}
+    far = float(reference_distance(pooled[1:], gate)[0])
     assert far > 0
-    return {"neighbours": 1, "reference": checkpoint.pack_array(unit[:1]), "threshold": far / 2}
+    return {**gate, "threshold": far / 2}
 
 
 def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path, monkeypatch):

@@ -64,8 +64,7 @@ def test_checkpoint_is_self_describing(trained_run):
     # the other half; the features decode back to unit rows.
     gate = meta["ood"]
     reference = checkpoint.unpack_array(gate["reference"])
-    n = meta["metrics"]["val"]["n"]
-    assert reference.shape[0] == n // 2 and gate["validation_lesions_scored"] == n - n // 2
+    assert reference.shape[0] == meta["metrics"]["val"]["n"] // 2
     assert np.allclose(np.linalg.norm(reference, axis=1), 1, atol=1e-2) and gate["threshold"] > 0
     assert 0 < gate["validation_pass_rate"] <= 1
     # The high-sensitivity operating point is fitted on validation and reported at its own threshold.
