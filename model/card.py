@@ -393,7 +393,9 @@ def _limitations(metadata: dict) -> list[str]:
                 "skin types is unknown.")
     named = f" ({', '.join(sets)})" if sets else ""
     return [f"Trained on dermoscopy images{named}; clinical phone photos, "
-            "non-skin images and rare diagnoses are out of scope, and predictions on them are unreliable.",
+            "non-skin images and rare diagnoses are out of scope, and predictions on them are unreliable. "
+            "The unusual-image warning catches many such images, not all: textures, microscopy and grey "
+            "documents can pass it and get an answer like a lesion's.",
             skin,
             "Probabilities are calibrated on the validation split only; a saliency map shows "
             "where the model looked, not why a lesion is benign or malignant."]
