@@ -142,7 +142,7 @@ RECIPES = {
     # nearest-neighbour unusual-image gate held for it (the class-mean gate passed noise and a text page).
     # The uniform draw with sqrt class weights (F, bundled until then) and sources_balanced (P): RESULTS.
     # Its seed 1 (session 21): HAM10000 0.735, BCN 0.638, ISIC 2017 val 0.744; weight soups of it with
-    # seed 1, P, F, F1 or F2 each lost one of the bars (bench/weight_soup.py, RESULTS).
+    # seed 1, P, F, F1 or F2 each met fewer of the bars (bench/weight_soup.py, RESULTS).
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
