@@ -91,14 +91,15 @@ ROUND_TRIPS = {"classify": classify_round_trip, "chat": chat_round_trip}
 SSL_CONTEXT = ssl.create_default_context()
 
 
-def new_client(url: str, auth=None):
+def new_client(url: str, downloads: Path, auth=None):
+    """A client whose downloaded overlays go to a folder of its own under `downloads` (removed with it)."""
     from gradio_client import Client
     return Client(url, auth=auth, verbose=False, ssl_verify=SSL_CONTEXT,   # handed on to httpx as `verify`
-                  download_files=tempfile.mkdtemp(prefix="lesionlens-bench-"))
+                  download_files=tempfile.mkdtemp(dir=downloads))
 
 
-def bench_one_client(url: str, n: int, round_trip) -> None:
-    client = new_client(url)
+def bench_one_client(url: str, n: int, round_trip, downloads: Path) -> None:
+    client = new_client(url, downloads)
     round_trip(client)   # warm: first upload, first queue join
     times = []
     for _ in range(n):
@@ -120,14 +121,14 @@ def rss_mb(pid: int | None) -> float | None:
 
 
 def bench_concurrent(url: str, clients: int, duration: float, max_per_client: int, round_trip,
-                     app_pid: int | None = None) -> None:
+                     downloads: Path, app_pid: int | None = None) -> None:
     """`clients` users, connected first (a gradio_client connection loads the app's config, which
     is not a request), then all calling `round_trip` in a loop for `duration` seconds."""
     times, errors, lock = [], [], threading.Lock()
     connected = []
     for _ in range(clients):
         try:
-            connected.append(new_client(url))
+            connected.append(new_client(url, downloads))
         except Exception as e:  # noqa: BLE001 (counted, reported below)
             errors.append(f"connect: {e}")
     start = threading.Barrier(len(connected) + 1)
@@ -189,8 +190,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         ap.error("--url must be a loopback address")
+    # The throw-away history, the clients' downloads and any checkpoint copies: gone when the run ends.
+    with tempfile.TemporaryDirectory(prefix="lesionlens-bench-") as work:
+        return run_benchmark(args, Path(work))
 
-    work = Path(tempfile.mkdtemp(prefix="lesionlens-bench-"))
+
+def run_benchmark(args, work: Path) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         print(f"(no checkpoint at {checkpoint}: using a random-weight simple_cnn "
@@ -208,10 +213,12 @@ def main(argv=None) -> int:
         app = AppProcess(checkpoint, work / "history" / "cases.db", "--max-cases", "1000000").wait_ready()
         url = app.url
     round_trip = ROUND_TRIPS[args.endpoint]
+    downloads = work / "downloads"
+    downloads.mkdir()
     try:
-        bench_one_client(url, args.n, round_trip)
+        bench_one_client(url, args.n, round_trip, downloads)
         for clients in args.clients:
-            bench_concurrent(url, clients, args.duration, args.max_per_client, round_trip,
+            bench_concurrent(url, clients, args.duration, args.max_per_client, round_trip, downloads,
                              app.proc.pid if app else None)
     finally:
         if app:
