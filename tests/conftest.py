@@ -5,8 +5,10 @@ Add new fixtures under a section header; keep helpers private (leading underscor
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,8 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # One persistent XLA compilation cache for the whole run, set before JAX is imported and inherited by
 # every `train.py` / app subprocess: most tests compile the same small models, and the second compile
-# of a program becomes a read. A fresh folder per run, so no test depends on an earlier run's cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lesionlens-xla-cache-"))
+# of a program becomes a read. A fresh folder per run, so no test depends on an earlier run's cache, removed
+# when the run ends (one given in the environment is the caller's, and stays).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lesionlens-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # `train.py` and app subprocesses start with the huge-page malloc settings their entry points would
 # otherwise restart themselves to get (model/runtime.py): the same code path, one start-up fewer.
