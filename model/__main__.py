@@ -76,12 +76,30 @@ def cmd_calibrate(args):
     val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                 [r for p in parts for r in p.records])
     sources = np.repeat(names, [len(p.labels) for p in parts])
-    result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None, args.prior_tau)
+    non_lesions = read_non_lesions(predictor, args.non_lesions) if args.non_lesions else None
+    if non_lesions is None and (predictor.metadata.get("ood") or {}).get("non_lesion"):
+        print("note: the checkpoint's non-lesion boundary is refitted only with --non_lesions; without it, it is removed")
+    result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None, args.prior_tau,
+                       non_lesions)
     external = record_external(predictor, args.external_eval or [])
     print(json.dumps({**{k: result[k] for k in ("temperature", "ece_before", "ece_after")},
                       "operating_point": {**predictor.metadata.get("operating_point", {}),
                                           **(result["val"].get("operating_point") or {})},
                       "external": {spec: external_summary(m) for spec, m in external.items()}}, indent=2))
+
+
+def read_non_lesions(predictor, inputs):
+    """The pictures of --non_lesions in the checkpoint's view; unreadable ones are counted and skipped."""
+    from .images import load_squares
+    from .predict import expand_inputs
+    paths = expand_inputs(inputs)
+    images, errors = load_squares(paths, predictor.image_size, predictor.resize)
+    print(f"non-lesion pictures: {len(images)} read" + (f", {len(errors)} left out, e.g. {next(iter(errors.values()))}"
+                                                         if errors else ""))
+    if len(images) < 10:
+        raise UserError(f"--non_lesions: {len(images)} readable pictures; a boundary needs at least 10 (photographs, "
+                        "textures, documents: e.g. OpenCV's samples/data, docs/TRAINING.md).")
+    return images
 
 
 def cmd_fuse(args):
@@ -286,6 +304,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prior_tau", type=float, default=None, metavar="TAU",
                    help="decide with logits minus TAU x log(training class frequency): 0.5 for a model trained "
                         "with sqrt class weights, 0 removes the correction; default: keep the checkpoint's")
+    p.add_argument("--non_lesions", action="append", metavar="FOLDER",
+                   help="pictures that are not skin lesions (folders searched recursively): the unusual-image "
+                        "gate also learns a boundary between them and the validation lesions; repeatable")
     p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("fuse", help="fit age/sex/site fusion on a split's train rows, recalibrate on its val rows")

@@ -5,7 +5,9 @@
   nearest reference validation lesion (Sun et al. 2022; the reference drawn evenly from the sources),
   with a threshold that OOD_PASS_RATE of the other validation lesions pass (the app warns about the
   rest). Distances to class means failed for models trained on source-balanced draws: noise and a
-  text page landed near the means (docs/RESULTS.md, sessions 19 and 20);
+  text page landed near the means (docs/RESULTS.md, sessions 19 and 20). Given known non-lesion
+  pictures, also a linear lesion / non-lesion boundary: a gate that knows only lesions passed textures,
+  grey pages and a cat (docs/RESULTS.md, session 22);
 - a high-sensitivity operating point: the malignant-probability threshold at which
   OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
   misses many melanomas and users should see what a sensitive cut-off costs in specificity.
@@ -21,6 +23,7 @@
   before the temperature so that the temperature calibrates the fused prediction.
 """
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from . import checkpoint, clinical, metrics
 from .errors import UserError
@@ -29,6 +32,7 @@ from .pipeline import balances_classes
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OOD_REFERENCE_SIZE = 1024  # validation lesions kept as the gate's reference: 2.6 MB of float16 at 1,280 features
 OOD_NEIGHBOURS = 10
+NON_LESION_PASS_RATE = 0.995  # of each source's held-out validation lesions, on top of the two gates above
 OPERATING_SENSITIVITY = 0.9
 MIN_SOURCE_MELANOMAS = 10     # fewer give a threshold that one lesion moves
 MIN_SPECIFICITY = 0.5         # pooled and per source: a lower threshold flags too many benign lesions
@@ -54,6 +58,25 @@ def unusual_image_gate(pooled: np.ndarray, sources=None, seed: int = 0) -> tuple
     held_out[chosen] = False
     reference = pooled[chosen] / np.maximum(np.linalg.norm(pooled[chosen], axis=1, keepdims=True), 1e-12)
     return {"neighbours": min(OOD_NEIGHBOURS, len(chosen)), "reference": checkpoint.pack_array(reference)}, held_out
+
+
+def non_lesion_boundary(reference: np.ndarray, non_lesions: np.ndarray) -> dict:
+    """Logistic regression between the gate's reference lesions (unit rows) and the pooled features of
+    known non-lesion pictures, the two classes weighted equally; its decision value is
+    `predictor.non_lesion_score`. Its threshold is set by `calibrate`."""
+    unit = non_lesions / np.maximum(np.linalg.norm(non_lesions, axis=1, keepdims=True), 1e-12)
+    x = np.vstack([reference, unit])
+    y = np.r_[np.zeros(len(reference)), np.ones(len(unit))]
+    fit = LogisticRegression(class_weight="balanced", max_iter=5000).fit(x, y)
+    return {"weights": checkpoint.pack_array(fit.coef_[0]), "bias": float(fit.intercept_[0]),
+            "non_lesions": len(unit)}
+
+
+def highest_source_quantile(score: np.ndarray, sources, q: float) -> float:
+    """The highest of the sources' own q-quantiles of `score`: at least q of each source lies at or below it,
+    so the source the model knows least is not the one a threshold costs most (docs/RESULTS.md, session 22)."""
+    sources = np.zeros(len(score)) if sources is None else np.asarray(sources)
+    return max(float(np.quantile(score[sources == name], q)) for name in dict.fromkeys(sources.tolist()))
 
 
 def subgroups(records) -> dict:
@@ -123,12 +146,14 @@ def prior_correction(metadata: dict, classes, tau: float) -> dict | None:
     return {"tau": float(tau), "prior": {c: counts[c] / total for c in classes}}
 
 
-def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = None) -> dict:
+def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = None,
+              non_lesions: np.ndarray | None = None) -> dict:
     """Fit temperature, operating point and OOD gate on the validation split; write them into the checkpoint.
 
     `sources` names each validation image's source, for the per-source melanoma operating point.
     `prior_tau` sets the prior correction the rest is fitted after (0 removes it; None keeps the
-    checkpoint's own)."""
+    checkpoint's own). `non_lesions` (prepared uint8 pictures that are not skin lesions) adds the gate's
+    lesion / non-lesion boundary."""
     if prior_tau is not None:
         predictor.metadata.pop("prior_correction", None)
         correction = prior_correction(predictor.metadata, classes, prior_tau)
@@ -152,11 +177,18 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
     distance, entropy = predictor.ood_score(pooled[held_out]), predictor.normalised_entropy(probs)
     if ood:
         ood["threshold"] = float(np.quantile(distance, OOD_PASS_RATE))
+    if ood and non_lesions is not None and len(non_lesions):
+        ood["non_lesion"] = non_lesion_boundary(checkpoint.unpack_array(ood["reference"]),
+                                                predictor.forward_arrays(non_lesions)[1])
+        ood["non_lesion"]["threshold"] = highest_source_quantile(
+            predictor.non_lesion_score(pooled[held_out]), None if sources is None else np.asarray(sources)[held_out],
+            NON_LESION_PASS_RATE)
     # The distance alone misses images that land among lesions' features (flat colour, text) for some
     # models: those get near-uniform predictions, so a high-entropy gate catches them. Each gate keeps
     # OOD_PASS_RATE of validation lesions, so together at least 95% pass.
     ood["entropy_threshold"] = float(np.quantile(entropy, OOD_PASS_RATE))
-    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(distance, entropy[held_out])))
+    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(
+        distance, entropy[held_out], predictor.non_lesion_score(pooled[held_out]))))
 
     predictor.metadata.update(temperature=temperature, ood=ood)
     if threshold is not None:

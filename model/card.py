@@ -392,10 +392,16 @@ def _limitations(metadata: dict) -> list[str]:
         skin = ("Public dermoscopy sets come mostly from fair-skinned patients: performance on darker "
                 "skin types is unknown.")
     named = f" ({', '.join(sets)})" if sets else ""
+    boundary = (metadata.get("ood") or {}).get("non_lesion")
+    if boundary:
+        caught = (f"The unusual-image warning, which also learned from {boundary['non_lesions']} known non-lesion "
+                  "pictures, catches most such images, not all: a picture unlike those (a retina photograph, "
+                  "a clock) can pass it and get an answer like a lesion's.")
+    else:
+        caught = ("The unusual-image warning catches many such images, not all: textures, microscopy and grey "
+                  "documents can pass it and get an answer like a lesion's.")
     return [f"Trained on dermoscopy images{named}; clinical phone photos, "
-            "non-skin images and rare diagnoses are out of scope, and predictions on them are unreliable. "
-            "The unusual-image warning catches many such images, not all: textures, microscopy and grey "
-            "documents can pass it and get an answer like a lesion's.",
+            "non-skin images and rare diagnoses are out of scope, and predictions on them are unreliable. " + caught,
             skin,
             "Probabilities are calibrated on the validation split only; a saliency map shows "
             "where the model looked, not why a lesion is benign or malignant."]
@@ -409,6 +415,9 @@ def gate_summary(ood: dict) -> str:
         nth = f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
         gates.append(f"cosine distance to the {nth} nearest of {ood['reference']['shape'][0]:,} "
                      f"reference validation lesions above {ood['threshold']:.3f}")
+    if (ood.get("non_lesion") or {}).get("threshold") is not None:
+        gates.append(f"a linear boundary learned from {ood['non_lesion']['non_lesions']} known non-lesion pictures "
+                     f"scoring above {ood['non_lesion']['threshold']:.3f}")
     if ood.get("entropy_threshold") is not None:
         gates.append(f"predictive entropy above {ood['entropy_threshold']:.3f}")
     text = " or ".join(gates) or "none"

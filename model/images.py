@@ -231,6 +231,18 @@ def to_square(img, size: int, mode: str = "squash", box=None) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
+def load_squares(paths, size: int, mode: str = "squash") -> tuple[np.ndarray, dict]:
+    """`to_square` of each file, (N, size, size, 3) uint8 for those that read, and {path: reason} for the
+    rest: one bad file is reported, not fatal."""
+    images, errors = [], {}
+    for path in paths:
+        try:
+            images.append(to_square(load_image(path), size, mode))
+        except UserError as e:
+            errors[path] = str(e)
+    return (np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)), errors
+
+
 # --------------------------------------------------------------------------- cache
 
 def _cache_key(paths: list[str], size: int, mode: str) -> tuple[str, list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, load_image, to_square
+from .images import IMAGE_SUFFIXES, load_squares
 from .errors import UserError
 from .predictor import Predictor
 
@@ -51,13 +51,9 @@ def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None)
         writer = csv.writer(f)
         writer.writerow(["path", *probability_columns(predictor), "error"])
         for start in range(0, len(paths), BATCH):
-            chunk, images, errors = paths[start:start + BATCH], [], {}
-            for path in chunk:
-                try:
-                    images.append(to_square(load_image(path), predictor.image_size, predictor.resize))
-                except UserError as e:
-                    errors[path] = str(e)
-            probs = predictor.predict(np.stack(images), tta) if images else np.zeros((0, len(predictor.classes)))
+            chunk = paths[start:start + BATCH]
+            images, errors = load_squares(chunk, predictor.image_size, predictor.resize)
+            probs = predictor.predict(images, tta) if len(images) else np.zeros((0, len(predictor.classes)))
             rows = iter(probs)
             for path in chunk:
                 if path in errors:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from . import checkpoint, clinical, saliency
 from .classes import full_name, malignant_indices
+from .errors import UserError
 from .images import load_image, square_box, to_square
 from .render import place_in_frame
 from .preprocess import Normalisation, preprocess
@@ -107,6 +108,16 @@ def reference_distance(pooled: np.ndarray, gate: dict) -> np.ndarray:
     return 1 - np.partition(similarity, -k, axis=1)[:, -k]
 
 
+def non_lesion_score(pooled: np.ndarray, gate: dict) -> np.ndarray:
+    """The decision value of the gate's lesion / non-lesion boundary (model/calibration.py) on L2-normalised
+    pooled features, higher for pictures like its known non-lesions: -inf where the gate has none."""
+    boundary = gate.get("non_lesion")
+    if not boundary:
+        return np.full(len(pooled), -np.inf)
+    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return np.einsum("bd,d->b", unit, checkpoint.unpack_array(boundary["weights"])) + float(boundary["bias"])
+
+
 class Predictor:
     """Serves the weights `model` has when the predictor is made (switched to eval mode): after
     training changes them, make a new one."""
@@ -122,8 +133,24 @@ class Predictor:
         self.resize = metadata.get("resize", "squash")
         self.norm = Normalisation.from_dict(metadata["normalisation"])
         self.checkpoint_id = metadata.get("checkpoint_id", "unsaved")
-        if self.has_distance_gate:   # decoded now: a damaged reference is refused at load, not at an upload
-            checkpoint.unpack_array(metadata["ood"]["reference"])
+        if self.has_distance_gate:   # decoded now: a damaged gate is refused at load, not at an upload
+            self._check_gate(metadata["ood"])
+
+    @staticmethod
+    def _check_gate(gate: dict) -> None:
+        features = checkpoint.unpack_array(gate["reference"]).shape[1]
+        boundary = gate.get("non_lesion")
+        if not boundary:
+            return
+        try:
+            fits = checkpoint.unpack_array(boundary["weights"]).shape == (features,) and np.isfinite(
+                [float(boundary["bias"]), float(boundary["threshold"])]).all()
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits:
+            raise UserError("the unusual-image gate's non-lesion boundary in the checkpoint's metadata is damaged; "
+                            "recalibrate the checkpoint with `python -m model calibrate --non_lesions FOLDER`, "
+                            "or copy it again.")
 
     @property
     def tta(self) -> bool:
@@ -215,10 +242,16 @@ class Predictor:
         """Predictive entropy in [0, 1] (1 = uniform over the classes)."""
         return -(probs * np.log(np.clip(probs, 1e-12, 1))).sum(axis=1) / np.log(len(self.classes))
 
-    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray) -> np.ndarray:
-        """True where the image is far from the reference lesions or gets a near-uniform prediction."""
+    def non_lesion_score(self, pooled: np.ndarray) -> np.ndarray:
+        """`non_lesion_score` of the checkpoint's unusual-image gate; higher is less like a lesion."""
+        return non_lesion_score(pooled, self.metadata.get("ood") or {})
+
+    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray, non_lesion: np.ndarray) -> np.ndarray:
+        """True where the image is far from the reference lesions, on the non-lesion side of the learned
+        boundary, or gets a near-uniform prediction."""
         gate = self.metadata.get("ood", {})
-        return (ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
+        return ((ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
+                | (non_lesion > (gate.get("non_lesion") or {}).get("threshold", np.inf)))
 
     def analyse(self, images, people=None) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
@@ -249,7 +282,7 @@ class Predictor:
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
-                "unusual": self.flag_unusual(ood, entropy), "entropy": entropy}
+                "unusual": self.flag_unusual(ood, entropy, self.non_lesion_score(pooled)), "entropy": entropy}
 
     # --- explanations ---
     @property

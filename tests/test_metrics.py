@@ -190,6 +190,38 @@ def test_operating_point_keeps_the_pooled_threshold_when_per_source_would_flag_m
     assert rule["per_source_melanoma_thresholds"]["b"] < pooled  # computed, then refused
 
 
+def test_non_lesion_boundary_scores_pictures_like_its_non_lesions_above_lesions():
+    from model import checkpoint
+    from model.calibration import non_lesion_boundary
+    from model.predictor import non_lesion_score
+    # Features along two directions: lesions near e0, known non-lesions near e1 (at any length: scored as unit rows).
+    rng = np.random.default_rng(0)
+    def around(axis, n, scale=1.0):
+        x = rng.normal(0, 0.15, (n, 16))
+        x[:, axis] += 1
+        return scale * x
+    lesions = around(0, 60)
+    reference = lesions / np.linalg.norm(lesions, axis=1, keepdims=True)
+    boundary = non_lesion_boundary(reference, around(1, 20, scale=7.0))
+    assert boundary["non_lesions"] == 20 and checkpoint.unpack_array(boundary["weights"]).shape == (16,)
+    gate = {"non_lesion": boundary}
+    new_lesions, new_pictures = non_lesion_score(around(0, 50), gate), non_lesion_score(around(1, 50, 0.3), gate)
+    assert new_lesions.max() < 0 < new_pictures.min()   # the decision value's sign is the side
+    assert (non_lesion_score(around(0, 3), {}) == -np.inf).all()   # no boundary: nothing is on its far side
+
+
+def test_a_per_source_quantile_threshold_lets_each_source_pass():
+    from model.calibration import highest_source_quantile
+    # Source b (few lesions) scores higher than a: a pooled quantile would fail most of b.
+    score = np.r_[np.linspace(0, 1, 200), np.linspace(2, 3, 10)]
+    sources = np.repeat(["a", "b"], [200, 10])
+    assert np.quantile(score, 0.95) < 2
+    threshold = highest_source_quantile(score, sources, 0.95)
+    for name in ("a", "b"):
+        assert (score[sources == name] <= threshold).mean() >= 0.9
+    assert highest_source_quantile(score, None, 0.95) == pytest.approx(np.quantile(score, 0.95))
+
+
 def _add_clinic(probs, labels, sources, name, melanoma_scores, nevus_scores):
     mel, nv = HAM.index("mel"), HAM.index("nv")
     scores = np.concatenate([melanoma_scores, nevus_scores])

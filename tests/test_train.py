@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from flax import nnx
+from PIL import Image
 
 from model import checkpoint, report
 from model.augment import AugmentConfig
@@ -80,6 +81,74 @@ def test_a_damaged_gate_reference_is_refused_at_load_with_what_to_do(trained_run
     checkpoint.update_metadata(copy, meta)
     with pytest.raises(UserError, match="damaged.*python -m model calibrate"):
         Predictor.load(copy)
+
+
+def _not_lesions(folder: Path, n: int, seed: int) -> Path:
+    """Pictures no dermatoscope takes, written as PNGs: flat colours, stripes, checkerboards, colour noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        kind = i % 4
+        if kind == 0:
+            a = np.broadcast_to(colour, (64, 64, 3))
+        elif kind == 1:
+            a = np.where((((xx + yy) // rng.integers(3, 9)) % 2)[..., None] == 1, colour, 255 - colour)
+        elif kind == 2:
+            a = np.where(((xx // 8 + yy // 8) % 2)[..., None] == 1, colour, 0)
+        else:
+            a = rng.integers(0, 256, (64, 64, 3))
+        Image.fromarray(np.ascontiguousarray(a, np.uint8)).save(folder / f"picture_{seed}_{i}.png")
+    return folder
+
+
+def test_calibrate_learns_a_non_lesion_boundary_from_pictures_on_disk(trained_run, tmp_path):
+    from model.evaluate import labelled_split
+    workdir, _ = trained_run
+    ckpt = shutil.copytree(workdir / "best", tmp_path / "best")
+    pictures = _not_lesions(tmp_path / "not_lesions", 12, seed=0)
+    (pictures / "broken.png").write_bytes(b"not a png")
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val",
+                   "--non_lesions", pictures)
+    assert done.returncode == 0, done.stderr
+    assert "non-lesion pictures: 12 read, 1 left out, e.g. " in done.stdout and "broken.png" in done.stdout
+    gate = checkpoint.read_metadata(ckpt)["ood"]
+    boundary = gate["non_lesion"]
+    assert boundary["non_lesions"] == 12
+    assert checkpoint.unpack_array(boundary["weights"]).shape == (checkpoint.unpack_array(gate["reference"]).shape[1],)
+
+    # What it learned points the right way even for this 2-epoch toy network (tests/test_metrics.py checks
+    # the boundary on features with a known answer): its pictures score above the validation lesions, and
+    # every prediction is gated by it.
+    p = Predictor.load(ckpt)
+    _, lesions = p.forward_arrays(labelled_split(p, workdir / "split.csv", "val").images)
+    _, fitted = p.forward_arrays(p.prepare(sorted(pictures.glob("picture_*.png"))))
+    assert p.non_lesion_score(fitted).mean() > p.non_lesion_score(lesions).mean()
+    assert np.median(p.non_lesion_score(lesions)) < boundary["threshold"]
+    p.metadata["ood"]["non_lesion"]["threshold"] = -np.inf   # now every picture is on the non-lesion side
+    assert p.analyse(sorted(pictures.glob("picture_*.png"))[:2])["unusual"].all()
+    assert "learned from 12 known non-lesion pictures" in run_cli("info", "--checkpoint", ckpt).stdout
+
+    # Recalibrating without the pictures removes the boundary, and says so.
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val")
+    assert done.returncode == 0 and "refitted only with --non_lesions" in done.stdout
+    assert "non_lesion" not in checkpoint.read_metadata(ckpt)["ood"]
+
+
+def test_a_damaged_non_lesion_boundary_or_too_few_pictures_is_refused_with_what_to_do(trained_run, tmp_path):
+    workdir, _ = trained_run
+    ckpt = shutil.copytree(workdir / "best", tmp_path / "best")
+    done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val",
+                   "--non_lesions", _not_lesions(tmp_path / "few", 3, seed=0))
+    assert done.returncode != 0 and "3 readable pictures; a boundary needs at least 10" in done.stderr
+    meta = checkpoint.read_metadata(ckpt)
+    assert "non_lesion" not in meta["ood"]   # nothing was written
+    meta["ood"]["non_lesion"] = {"weights": checkpoint.pack_array(np.ones(3)), "bias": 0.0, "threshold": 1.0,
+                                 "non_lesions": 12}   # a boundary for other features
+    checkpoint.update_metadata(ckpt, meta)
+    with pytest.raises(UserError, match="non-lesion boundary .* is damaged.*--non_lesions"):
+        Predictor.load(ckpt)
 
 
 def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
