@@ -416,11 +416,11 @@ def gate_summary(ood: dict) -> str:
         gates.append(f"cosine distance to the {nth} nearest of {ood['reference']['shape'][0]:,} "
                      f"reference validation lesions above {ood['threshold']:.3f}")
     if (ood.get("non_lesion") or {}).get("threshold") is not None:
-        gates.append(f"a linear boundary learned from {ood['non_lesion']['non_lesions']} known non-lesion pictures "
-                     f"scoring above {ood['non_lesion']['threshold']:.3f}")
+        gates.append(f"a score above {ood['non_lesion']['threshold']:.3f} on a linear boundary learned from "
+                     f"{ood['non_lesion']['non_lesions']} known non-lesion pictures")
     if ood.get("entropy_threshold") is not None:
         gates.append(f"predictive entropy above {ood['entropy_threshold']:.3f}")
-    text = " or ".join(gates) or "none"
+    text = " or ".join([", ".join(gates[:-1]), gates[-1]] if len(gates) > 2 else gates) or "none"
     if "class_means" in ood:
         text += (" (this checkpoint's feature-distance gate predates the nearest-neighbour one and is not applied: "
                  "recalibrate it with `python -m model calibrate`)")

@@ -73,11 +73,14 @@ def photographs_not_lesions() -> list[Path]:
 
 
 def test_non_dermoscopy_images_are_flagged_and_lesions_pass(predictor):
+    # The gate's boundary learned from other non-lesion pictures (OpenCV's samples), none of these:
+    # without it the gate passed one of each set (docs/RESULTS.md, session 22).
+    assert predictor.metadata["ood"]["non_lesion"]["non_lesions"] == 91
     flagged = predictor.analyse([Image.fromarray(a) for a in synthetic_non_lesions()])["unusual"]
-    assert flagged.mean() >= 0.8, flagged
+    assert flagged.all(), flagged
     flagged = predictor.analyse([Image.open(p).convert("RGB") for p in photographs_not_lesions()])["unusual"]
-    assert flagged.sum() >= 5, flagged
+    assert flagged.all(), flagged
     samples = sorted(p for p in SAMPLES.glob("*.jpg"))
     assert samples, "bundled sample images are missing"
     passed = ~predictor.analyse(samples)["unusual"]
-    assert passed.mean() >= 0.8, passed
+    assert passed.sum() >= len(samples) - 1, passed
