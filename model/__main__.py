@@ -7,6 +7,7 @@
     python -m model organize  METADATA.csv IMAGE_DIR OUT_DIR [--link]
     python -m model split     DATA --out split.csv [--val_frac 0.15 --seed 0]
     python -m model calibrate --checkpoint DIR --csv split.csv --split val [--csv NAME=SPEC ...] [--external_eval CSV:test]
+                              [--non_lesions FOLDER]
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR [--json]   (summary; --json: all metadata)
     python -m model card      --checkpoint DIR [--out FILE]   (the model card as Markdown)
@@ -70,13 +71,13 @@ def cmd_calibrate(args):
     from .evaluate import Split, external_summary, labelled_split, record_external
     from .predictor import Predictor
     predictor = Predictor.load(args.checkpoint)
+    non_lesions = read_non_lesions(predictor, args.non_lesions) if args.non_lesions else None   # fails fast
     # Several --csv: one validation set, each part keeping its source's name for the operating point.
     names, _, splits = zip(*map(parse_source, args.csv))
     parts = [labelled_split(predictor, spec, None if split else args.split) for spec, split in zip(args.csv, splits)]
     val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                 [r for p in parts for r in p.records])
     sources = np.repeat(names, [len(p.labels) for p in parts])
-    non_lesions = read_non_lesions(predictor, args.non_lesions) if args.non_lesions else None
     if non_lesions is None and (predictor.metadata.get("ood") or {}).get("non_lesion"):
         print("note: the checkpoint's non-lesion boundary is refitted only with --non_lesions; without it, it is removed")
     result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None, args.prior_tau,
