@@ -78,8 +78,7 @@ def cmd_calibrate(args):
     val = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
                 [r for p in parts for r in p.records])
     sources = np.repeat(names, [len(p.labels) for p in parts])
-    if non_lesions is None and (predictor.metadata.get("ood") or {}).get("non_lesion"):
-        print("note: the checkpoint's non-lesion boundary is refitted only with --non_lesions; without it, it is removed")
+    note_dropped_boundary(predictor, non_lesions)
     result = calibrate(predictor, val, predictor.classes, sources if len(parts) > 1 else None, args.prior_tau,
                        non_lesions)
     external = record_external(predictor, args.external_eval or [])
@@ -87,6 +86,13 @@ def cmd_calibrate(args):
                       "operating_point": {**predictor.metadata.get("operating_point", {}),
                                           **(result["val"].get("operating_point") or {})},
                       "external": {spec: external_summary(m) for spec, m in external.items()}}, indent=2))
+
+
+def note_dropped_boundary(predictor, non_lesions) -> None:
+    """Recalibration redraws the gate's reference, so an old non-lesion boundary cannot be kept: say so."""
+    if non_lesions is None and (predictor.metadata.get("ood") or {}).get("non_lesion"):
+        print("note: the checkpoint's non-lesion boundary is refitted only with `calibrate --non_lesions`; "
+              "without it, it is removed")
 
 
 def read_non_lesions(predictor, inputs):
@@ -113,6 +119,7 @@ def cmd_fuse(args):
     val = labelled_split(predictor, args.csv, "val")
     weighting = predictor.metadata.get("training", {}).get("config", {}).get("class_weighting", "sqrt")
     fit_clinical_fusion(predictor, train, class_weights(train.labels, len(predictor.classes), weighting))
+    note_dropped_boundary(predictor, None)
     result = calibrate(predictor, val, predictor.classes)
     print(json.dumps({"image_only": result["image_only_val"],
                       "with_clinical": {k: result["val"][k] for k in result["image_only_val"]}}, indent=2))

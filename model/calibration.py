@@ -28,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from . import checkpoint, clinical, metrics
 from .errors import UserError
 from .pipeline import balances_classes
+from .predictor import unit_rows
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OOD_REFERENCE_SIZE = 1024  # validation lesions kept as the gate's reference: 2.6 MB of float16 at 1,280 features
@@ -56,7 +57,7 @@ def unusual_image_gate(pooled: np.ndarray, sources=None, seed: int = 0) -> tuple
         return {}, np.ones(len(pooled), bool)
     held_out = np.ones(len(pooled), bool)
     held_out[chosen] = False
-    reference = pooled[chosen] / np.maximum(np.linalg.norm(pooled[chosen], axis=1, keepdims=True), 1e-12)
+    reference = unit_rows(pooled[chosen])
     return {"neighbours": min(OOD_NEIGHBOURS, len(chosen)), "reference": checkpoint.pack_array(reference)}, held_out
 
 
@@ -64,12 +65,11 @@ def non_lesion_boundary(reference: np.ndarray, non_lesions: np.ndarray) -> dict:
     """Logistic regression between the gate's reference lesions (unit rows) and the pooled features of
     known non-lesion pictures, the two classes weighted equally; its decision value is
     `predictor.non_lesion_score`. Its threshold is set by `calibrate`."""
-    unit = non_lesions / np.maximum(np.linalg.norm(non_lesions, axis=1, keepdims=True), 1e-12)
-    x = np.vstack([reference, unit])
-    y = np.r_[np.zeros(len(reference)), np.ones(len(unit))]
+    x = np.vstack([reference, unit_rows(non_lesions)])
+    y = np.r_[np.zeros(len(reference)), np.ones(len(non_lesions))]
     fit = LogisticRegression(class_weight="balanced", max_iter=5000).fit(x, y)
     return {"weights": checkpoint.pack_array(fit.coef_[0]), "bias": float(fit.intercept_[0]),
-            "non_lesions": len(unit)}
+            "non_lesions": len(non_lesions)}
 
 
 def highest_source_quantile(score: np.ndarray, sources, q: float) -> float:

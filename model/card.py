@@ -395,8 +395,8 @@ def _limitations(metadata: dict) -> list[str]:
     boundary = (metadata.get("ood") or {}).get("non_lesion")
     if boundary:
         caught = (f"The unusual-image warning, which also learned from {boundary['non_lesions']} known non-lesion "
-                  "pictures, catches most such images, not all: a picture unlike those (a retina photograph, "
-                  "a clock) can pass it and get an answer like a lesion's.")
+                  "pictures, catches most such images, not all: a picture unlike those can pass it and get an "
+                  "answer like a lesion's.")
     else:
         caught = ("The unusual-image warning catches many such images, not all: textures, microscopy and grey "
                   "documents can pass it and get an answer like a lesion's.")

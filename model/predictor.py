@@ -94,13 +94,18 @@ def in_calls(call, per_call: int, *arrays) -> list[np.ndarray]:
     return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (an all-zero row stays zero): the gate compares directions of pooled features."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def reference_distance(pooled: np.ndarray, gate: dict) -> np.ndarray:
     """Cosine distance of pooled features to the k-th nearest of the gate's reference validation lesions
     (model/calibration.py): 0 where the gate has no reference (a checkpoint calibrated before it had one)."""
     if "reference" not in gate:
         return np.zeros(len(pooled))
     reference = checkpoint.unpack_array(gate["reference"])
-    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(pooled)
     k = int(gate["neighbours"])
     # einsum, not `@`: a BLAS matmul here wakes OpenBLAS's threads, whose spinning then slows the next
     # XLA forward pass on a 2-core CPU by ~30 ms per request (bench/bench_app.py, docs/RESULTS.md session 20).
@@ -114,8 +119,7 @@ def non_lesion_score(pooled: np.ndarray, gate: dict) -> np.ndarray:
     boundary = gate.get("non_lesion")
     if not boundary:
         return np.full(len(pooled), -np.inf)
-    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-    return np.einsum("bd,d->b", unit, checkpoint.unpack_array(boundary["weights"])) + float(boundary["bias"])
+    return np.einsum("bd,d->b", unit_rows(pooled), checkpoint.unpack_array(boundary["weights"])) + float(boundary["bias"])
 
 
 class Predictor:

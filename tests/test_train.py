@@ -132,7 +132,7 @@ def test_calibrate_learns_a_non_lesion_boundary_from_pictures_on_disk(trained_ru
 
     # Recalibrating without the pictures removes the boundary, and says so.
     done = run_cli("calibrate", "--checkpoint", ckpt, "--csv", workdir / "split.csv", "--split", "val")
-    assert done.returncode == 0 and "refitted only with --non_lesions" in done.stdout
+    assert done.returncode == 0 and "refitted only with `calibrate --non_lesions`" in done.stdout
     assert "non_lesion" not in checkpoint.read_metadata(ckpt)["ood"]
 
 
