@@ -27,6 +27,11 @@ STORE_MAX_SIDE = 1024    # px: the model sees <= 512 px; keeps history PNGs to ~
 UNSURE_MAX_PROB = 0.5    # top class below 50 %: no class is more likely than all others together
 UNSURE_ENTROPY = 0.7     # normalised entropy (0 = certain, 1 = uniform) above which we warn
 CLOSE_CALL = 0.10        # top-2 probabilities closer than this: the ranking is a coin flip
+UNUSUAL_BECAUSE = {      # Predictor.unusual_checks' names, as the warning explains them
+    "far_from_lesions": "it is far from every validation lesion the model was checked on",
+    "unlike_a_lesion": "it resembles the known non-lesion pictures (photos, textures, pages) more than a lesion",
+    "near_uniform": "the model spreads its answer almost evenly over the classes",
+}
 
 
 @dataclass
@@ -43,16 +48,24 @@ class Result:
     warnings: list[str]
     heat: np.ndarray
     clinical: Clinical = Clinical()
+    unusual_because: tuple[str, ...] = ()
 
 
-def uncertainty_warnings(probs: np.ndarray, entropy: float, class_names, unusual: bool) -> list[str]:
-    """`entropy`: the predictor's normalised entropy of `probs` (0 = certain, 1 = uniform)."""
+def why_unusual(because) -> str:
+    """': ' and the failed checks in words, or '' where they are not known (a case from history)."""
+    return ": " + "; ".join(UNUSUAL_BECAUSE[name] for name in because) if because else ""
+
+
+def uncertainty_warnings(probs: np.ndarray, entropy: float, class_names, unusual: bool,
+                         because=()) -> list[str]:
+    """`entropy`: the predictor's normalised entropy of `probs` (0 = certain, 1 = uniform); `because`: the
+    unusual-image checks the image failed (`UNUSUAL_BECAUSE`' keys), named in the warning where known."""
     warnings = []
     if unusual:
         warnings.append("**This image does not look like the dermoscopy images the model was "
                         "trained on** (it may be a normal photo, not a single skin lesion, or "
-                        "badly lit or blurred). Treat the result below as meaningless unless a "
-                        "clinician says the image is suitable.")
+                        f"badly lit or blurred){why_unusual(because)}. Treat the result "
+                        "below as meaningless unless a clinician says the image is suitable.")
     order = np.argsort(probs)[::-1]
     top, second = float(probs[order[0]]), float(probs[order[1]]) if len(probs) > 1 else 0.0
     if top < UNSURE_MAX_PROB or entropy > UNSURE_ENTROPY:
@@ -72,11 +85,12 @@ def analyse(ctx: Services, image: Image.Image, clinical: Clinical = Clinical()) 
     prepared = predictor.prepare([image])[0]
     out = ctx.model_queue.submit(prepared, clinical)
     probs = np.asarray(out["probs"])
-    unusual = bool(out["unusual"])
+    unusual, because = bool(out["unusual"]), tuple(out["unusual_because"])
     return Result(image=image, prepared=prepared, probs=probs, malignant=float(out["malignant"]),
                   ood_score=float(out["ood_score"]), unusual=unusual,
-                  warnings=uncertainty_warnings(probs, float(out["entropy"]), predictor.class_names, unusual),
-                  heat=np.asarray(out["heat"]), clinical=clinical)
+                  warnings=uncertainty_warnings(probs, float(out["entropy"]), predictor.class_names, unusual,
+                                                because),
+                  heat=np.asarray(out["heat"]), clinical=clinical, unusual_because=because)
 
 
 def classify_path(ctx: Services, path, user: str = "", note: str = "", filename: str = ""):
@@ -119,7 +133,9 @@ def classify_api(ctx: Services, path, user: str = "", note: str = ""):
     """One file in -> ({class name: probability}, overlay png of the top class, summary). Stored
     in history. The summary: case_id (for /compare), malignant_probability,
     above_sensitive_threshold (None when the checkpoint has no threshold), unusual (the image
-    does not look like a lesion: treat the probabilities as meaningless), ood_score, checkpoint_id."""
+    does not look like a lesion: treat the probabilities as meaningless), unusual_because (the
+    checks it failed: far_from_lesions, unlike_a_lesion, near_uniform), ood_score (the distance
+    check's score), checkpoint_id."""
     if not path:
         raise UserError("no file received: send one image file (JPEG or PNG).")
     case, result, png = classify_path(ctx, path, user=user, note=note or "")
@@ -127,6 +143,7 @@ def classify_api(ctx: Services, path, user: str = "", note: str = ""):
     threshold = p.operating_threshold
     summary = {"case_id": case.id, "malignant_probability": round(result.malignant, 6),
                "above_sensitive_threshold": None if threshold is None else bool(result.malignant >= threshold),
-               "unusual": result.unusual, "ood_score": round(result.ood_score, 6),
+               "unusual": result.unusual, "unusual_because": list(result.unusual_because),
+               "ood_score": round(result.ood_score, 6),
                "checkpoint_id": p.checkpoint_id}
     return {n: round(float(v), 6) for n, v in zip(p.class_names, result.probs)}, png, summary

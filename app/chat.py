@@ -15,7 +15,7 @@ import numpy as np
 
 from model.errors import UserError
 
-from .analysis import classify_path, uncertainty_warnings
+from .analysis import classify_path, uncertainty_warnings, why_unusual
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
 from .services import HEATMAP_LEGEND, Services, md_escape, overlay, sample_truth, write_png
 from .store import MAX_NOTE_CHARS, NotStored, check_note
@@ -107,14 +107,14 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     return "\n".join(lines)
 
 
-def unusual_markdown(case) -> str:
-    """The reply for an image that does not look like a lesion: that first, no diagnosis; the
-    table waits until the person asks for it (`analyse anyway`)."""
+def unusual_markdown(case, because=()) -> str:
+    """The reply for an image that does not look like a lesion: that first, with the checks it
+    failed, and no diagnosis; the table waits until the person asks for it (`analyse anyway`)."""
     title = f"**Case #{case.id}**" + (f" · {md_escape(case.filename)}" if case.filename else "")
     return "\n".join([
         "⚠️ **This image does not look like the dermoscopy images the model was trained on** (it "
-        "may be a normal photo, not a single skin lesion, or badly lit or blurred), so I am not "
-        "showing a diagnosis: on an image like this the model's probabilities mean nothing.", "",
+        f"may be a normal photo, not a single skin lesion, or badly lit or blurred){why_unusual(because)}. "
+        "I am not showing a diagnosis: on an image like this the model's probabilities mean nothing.", "",
         f"{title} is saved in your history.", "",
         "If it really is a close-up of one skin lesion, type `analyse anyway` to see the model's "
         "probabilities and heat map, and treat them with caution. Otherwise, drop a dermoscopy "
@@ -200,7 +200,7 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
             continue
         state = {"case_id": case.id}
         if result.unusual:   # not a lesion, by the look of it: say so, hold the diagnosis back
-            history.append(text_message(unusual_markdown(case)))
+            history.append(text_message(unusual_markdown(case, result.unusual_because)))
             yield history, state
             continue
         history.append(text_message(report_markdown(

@@ -250,15 +250,22 @@ class Predictor:
         """`non_lesion_score` of the checkpoint's unusual-image gate; higher is less like a lesion."""
         return non_lesion_score(pooled, self.metadata.get("ood") or {})
 
-    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray, non_lesion: np.ndarray) -> np.ndarray:
-        """True where the image is far from the reference lesions, on the non-lesion side of the learned
-        boundary, or gets a near-uniform prediction."""
+    def unusual_checks(self, ood: np.ndarray, entropy: np.ndarray, non_lesion: np.ndarray) -> dict:
+        """The gate's three checks by name, each True where the image fails it: far from the reference lesions,
+        on the non-lesion side of the learned boundary, a near-uniform prediction. A check the checkpoint was
+        not calibrated with fails nothing."""
         gate = self.metadata.get("ood", {})
-        return ((ood > gate.get("threshold", np.inf)) | (entropy > gate.get("entropy_threshold", np.inf))
-                | (non_lesion > (gate.get("non_lesion") or {}).get("threshold", np.inf)))
+        return {"far_from_lesions": ood > gate.get("threshold", np.inf),
+                "unlike_a_lesion": non_lesion > (gate.get("non_lesion") or {}).get("threshold", np.inf),
+                "near_uniform": entropy > gate.get("entropy_threshold", np.inf)}
+
+    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray, non_lesion: np.ndarray) -> np.ndarray:
+        """True where the image fails any of the gate's checks."""
+        return np.logical_or.reduce(list(self.unusual_checks(ood, entropy, non_lesion).values()))
 
     def analyse(self, images, people=None) -> dict:
-        """Everything the app shows for a batch: probabilities, malignancy, OOD score and flag, entropy."""
+        """Everything the app shows for a batch: probabilities, malignancy, OOD score, the unusual-image flag and
+        the checks each image failed (`unusual_checks`' names), entropy."""
         logits, pooled = self.forward_arrays(self.prepare(images))
         return self._summary(logits, pooled, people)
 
@@ -285,8 +292,10 @@ class Predictor:
         probs = self.probabilities(self.decision_logits(logits, people))
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
+        checks = self.unusual_checks(ood, entropy, self.non_lesion_score(pooled))
+        failed = [[name for name, fails in checks.items() if fails[i]] for i in range(len(probs))]
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
-                "unusual": self.flag_unusual(ood, entropy, self.non_lesion_score(pooled)), "entropy": entropy}
+                "unusual": np.array([bool(f) for f in failed]), "unusual_because": failed, "entropy": entropy}
 
     # --- explanations ---
     @property

@@ -298,6 +298,7 @@ def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path
     history, state = _chat(ctx, "holiday photo", [sky])
     (reply,) = _assistant_texts(history)
     assert reply.startswith("⚠️ **This image does not look like the dermoscopy images")
+    assert ": it is far from every validation lesion the model was checked on." in reply   # which check, in words
     assert "not showing a diagnosis" in reply and "`analyse anyway`" in reply
     assert "| 1 |" not in reply and "Malignant vs benign" not in reply
     assert not any(name in reply for name in p.class_names)      # no diagnosis named at all
@@ -398,7 +399,8 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     (case,) = ctx.store.list_cases(user="ana")
     assert summary == {"case_id": case.id, "malignant_probability": pytest.approx(case.malignant_probability, abs=1e-6),
                        "above_sensitive_threshold": None,   # the tiny checkpoint has no threshold
-                       "unusual": False, "ood_score": 0.0, "checkpoint_id": ctx.predictor.checkpoint_id}
+                       "unusual": False, "unusual_because": [], "ood_score": 0.0,
+                       "checkpoint_id": ctx.predictor.checkpoint_id}
 
     state = compare.compare_compute(ctx, case.id, "methods", ["gradcam", "gradients"], [], "ana")
     gallery, (raw, over), files = compare.compare_render(ctx, state, 0.3, None, "ana")
@@ -825,7 +827,7 @@ def test_api_classify_summary_and_compare_from_gradio_client(tiny_checkpoint, tm
         assert len(probs) == 7 and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)  # as before
         assert Image.open(overlay).size == (384, 288)
         assert set(summary) == {"case_id", "malignant_probability", "above_sensitive_threshold",
-                                "unusual", "ood_score", "checkpoint_id"}
+                                "unusual", "unusual_because", "ood_score", "checkpoint_id"}
         assert summary["above_sensitive_threshold"] is None and summary["unusual"] is False
         assert summary["checkpoint_id"].startswith("tiny@")
         malignant = sum(v for k, v in probs.items()
