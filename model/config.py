@@ -143,6 +143,7 @@ RECIPES = {
     # The uniform draw with sqrt class weights (F, bundled until then) and sources_balanced (P): RESULTS.
     # Its seed 1 (session 21): HAM10000 0.735, BCN 0.638, ISIC 2017 val 0.744; weight soups of it with
     # seed 1, P, F, F1 or F2 each met fewer of the bars (bench/weight_soup.py, RESULTS).
+    # At 192 px (session 23, 95 min): HAM10000 0.764, BCN 0.598, ISIC 2017 test melanoma recall 0.701 as at 160 px.
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
