@@ -28,7 +28,7 @@ UNSURE_MAX_PROB = 0.5    # top class below 50 %: no class is more likely than al
 UNSURE_ENTROPY = 0.7     # normalised entropy (0 = certain, 1 = uniform) above which we warn
 CLOSE_CALL = 0.10        # top-2 probabilities closer than this: the ranking is a coin flip
 UNUSUAL_BECAUSE = {      # Predictor.unusual_checks' names, as the warning explains them
-    "far_from_lesions": "it is far from every validation lesion the model was checked on",
+    "far_from_lesions": "it is far from the validation lesions the model was checked on",
     "unlike_a_lesion": "it is nearer the non-lesion pictures the warning learned from than a lesion",
     "near_uniform": "the model spreads its answer almost evenly over the classes",
 }

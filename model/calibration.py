@@ -187,8 +187,8 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
     # models: those get near-uniform predictions, so a high-entropy gate catches them. Each gate keeps
     # OOD_PASS_RATE of validation lesions, so together at least 95% pass.
     ood["entropy_threshold"] = float(np.quantile(entropy, OOD_PASS_RATE))
-    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(
-        distance, entropy[held_out], predictor.non_lesion_score(pooled[held_out]))))
+    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(predictor.unusual_checks(
+        distance, entropy[held_out], predictor.non_lesion_score(pooled[held_out])))))
 
     predictor.metadata.update(temperature=temperature, ood=ood)
     if threshold is not None:

@@ -259,9 +259,10 @@ class Predictor:
                 "unlike_a_lesion": non_lesion > (gate.get("non_lesion") or {}).get("threshold", np.inf),
                 "near_uniform": entropy > gate.get("entropy_threshold", np.inf)}
 
-    def flag_unusual(self, ood: np.ndarray, entropy: np.ndarray, non_lesion: np.ndarray) -> np.ndarray:
-        """True where the image fails any of the gate's checks."""
-        return np.logical_or.reduce(list(self.unusual_checks(ood, entropy, non_lesion).values()))
+    @staticmethod
+    def flag_unusual(checks: dict) -> np.ndarray:
+        """True where the image fails any of `unusual_checks`."""
+        return np.logical_or.reduce(list(checks.values()))
 
     def analyse(self, images, people=None) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score, the unusual-image flag and
@@ -293,9 +294,9 @@ class Predictor:
         ood = self.ood_score(pooled)
         entropy = self.normalised_entropy(probs)
         checks = self.unusual_checks(ood, entropy, self.non_lesion_score(pooled))
-        failed = [[name for name, fails in checks.items() if fails[i]] for i in range(len(probs))]
         return {"probs": probs, "malignant": self.malignant_probability(probs), "ood_score": ood,
-                "unusual": np.array([bool(f) for f in failed]), "unusual_because": failed, "entropy": entropy}
+                "unusual": self.flag_unusual(checks), "entropy": entropy,
+                "unusual_because": [[name for name, fails in checks.items() if fails[i]] for i in range(len(probs))]}
 
     # --- explanations ---
     @property

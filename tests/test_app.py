@@ -298,7 +298,7 @@ def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path
     history, state = _chat(ctx, "holiday photo", [sky])
     (reply,) = _assistant_texts(history)
     assert reply.startswith("⚠️ **This image does not look like the dermoscopy images")
-    assert ": it is far from every validation lesion the model was checked on." in reply   # which check, in words
+    assert ": it is far from the validation lesions the model was checked on." in reply   # which check, in words
     assert "not showing a diagnosis" in reply and "`analyse anyway`" in reply
     assert "| 1 |" not in reply and "Malignant vs benign" not in reply
     assert not any(name in reply for name in p.class_names)      # no diagnosis named at all
