@@ -11,10 +11,13 @@
     python -m model fuse      --checkpoint DIR --csv split.csv   (age/sex/site fusion)
     python -m model info      --checkpoint DIR [--json]   (summary; --json: all metadata)
     python -m model card      --checkpoint DIR [--out FILE]   (the model card as Markdown)
+    python -m model loso      --recipe multisource --out runs/loso [--fold NAME] [--proxy] [train.py flags]
+    python -m model audit     --checkpoint DIR --out OUT SET [SET ...]   (shortcut audit)
 """
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -46,6 +49,21 @@ def cmd_predict(args):
     from .predict import predict_files
     failures = predict_files(args.checkpoint, args.inputs, args.out, tta=args.tta)
     print(f"wrote {args.out}" + (f" ({failures} file(s) could not be read: see the error column)" if failures else ""))
+
+
+def cmd_loso(args):
+    import dataclasses
+
+    from .config import from_arguments
+    from .loso import PROXY, run_folds, table
+    cfg = from_arguments(args)
+    if args.proxy:
+        cfg = dataclasses.replace(cfg, **PROXY)
+    if not args.table_only:
+        run_folds(cfg, args.out, args.fold)
+    result = table(cfg, args.out)
+    print((Path(args.out) / "loso.md").read_text())
+    print(f"wrote {args.out}/loso.json and loso.md ({result['finished']} of {result['of']} folds finished)")
 
 
 def cmd_organize(args):
@@ -230,7 +248,6 @@ def cmd_info(args):
 
 
 def cmd_card(args):
-    from pathlib import Path  # noqa: PLC0415
     from .card import model_card_markdown
     from .checkpoint import read_metadata
     card = model_card_markdown({**read_metadata(args.checkpoint), "checkpoint_path": args.checkpoint})
@@ -252,6 +269,16 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(sub.add_parser("train", help="train a model in one process (same flags as train.py; several processes or "
                                 "hosts: python train.py, docs/TRAINING.md)")).set_defaults(run=cmd_train)
+
+    p = add_arguments(sub.add_parser(
+        "loso", help="leave-one-source-out: train without each source in turn, score on it; one table"))
+    p.add_argument("--out", required=True, help="folder of the folds (one training run each) and loso.json / loso.md")
+    p.add_argument("--fold", action="append", metavar="SOURCE",
+                   help="run only this held-out source's fold (repeatable); for folds on several processes or machines")
+    p.add_argument("--proxy", action="store_true", help="the cheap proxy: smaller images, fewer epochs, part of "
+                                                        "each source (model.loso.PROXY)")
+    p.add_argument("--table_only", action="store_true", help="train nothing: gather the finished folds into the table")
+    p.set_defaults(run=cmd_loso)
 
     p = sub.add_parser("evaluate", help="metrics, report and plots for a checkpoint on a labelled set")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")

@@ -53,6 +53,8 @@ def save(directory, step: int, model, metadata: dict, *, optimizer=None, progres
     if progress is not None:
         items["progress"] = ocp.args.JsonSave(progress)
     with _manager(directory) as manager:
+        for stale in [s for s in manager.all_steps() if s >= step]:   # a run restarted after a kill: its best/
+            manager.delete(stale)                                      # may be ahead of its latest/
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
 

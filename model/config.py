@@ -45,6 +45,8 @@ class TrainConfig:
     val_frac: float = _option(0.15, "fraction of lesions held out for validation, stratified by class")
     split_seed: int = _option(0, "random seed of the train/validation split")
     split_file: str = _option("", "reuse an existing split CSV instead of making one")
+    train_fraction: float = _option(1.0, "train on this fraction of each source's training lesions (all images of "
+                                         "a lesion together); < 1 makes cheap proxy runs (python -m model loso --proxy)")
     image_size: int = _option(160, "side of the square model input, in pixels")
     resize: str = _option("squash", "how an image becomes square: squash the full frame (as ISIC 2017 "
                                     "did), center crop, or fov: crop to the dermatoscope's round field "

@@ -85,6 +85,17 @@ def split_groups(records, *, dedupe: bool = True) -> list[str]:
     return keys
 
 
+def lesion_sample(records, fraction: float, seed: int = 0) -> np.ndarray:
+    """Mask of the records of a random `fraction` of the lesions: a smaller training set that
+    keeps every image of a chosen lesion, so it never splits what `make_split` keeps together."""
+    if fraction >= 1:
+        return np.ones(len(records), bool)
+    groups = np.array(split_groups(records, dedupe=False))
+    lesions = np.unique(groups)
+    keep = np.random.default_rng(seed).choice(lesions, size=max(1, _round(fraction * len(lesions))), replace=False)
+    return np.isin(groups, keep)
+
+
 def not_in(records, held_out) -> np.ndarray:
     """Mask of `records` whose file content matches no `held_out` image (e.g. extra training data
     that would leak an exact copy of a validation or external-test image)."""

@@ -31,7 +31,7 @@ from .networks import build
 from .pipeline import balances_classes, epoch_order, global_batches, prefetch
 from .predictor import EVAL_BATCH, Predictor, forward
 from .preprocess import Normalisation
-from .splits import make_split, not_in, read_split, write_split
+from .splits import lesion_sample, make_split, not_in, read_split, write_split
 from .train_step import (class_weights, data_mesh, make_ema_update, make_optimizer, make_train_step, process_rows,
                          replicate, shard_batch)
 
@@ -105,8 +105,10 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     classes = TASKS[cfg.task]
     held_out = [r for s in sources for r, a in zip(s.records, s.assignment) if a == "val"]
     held_out += [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
-    keeps = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
-    dropped = sum(int(((~k) & (s.assignment == "train")).sum()) for s, k in zip(sources, keeps))
+    unique = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
+    dropped = sum(int(((~k) & (s.assignment == "train")).sum()) for s, k in zip(sources, unique))
+    keeps = [k & (lesion_sample(s.records, cfg.train_fraction, cfg.split_seed) | (s.assignment != "train"))
+             for s, k in zip(sources, unique)]
     if dropped:
         distributed.say(f"dropped {dropped} training images identical to a validation or external-eval image")
     all_records = [r for s in sources[:len(cfg.data)] for r in s.records]

@@ -1,0 +1,135 @@
+"""Leave-one-source-out (LOSO): how a recipe does at a clinic none of its training data comes from.
+
+    python -m model loso --recipe multisource --out runs/loso                 # every fold, then the table
+    python -m model loso --recipe multisource --out runs/loso --fold isic2017 # one fold: one process or machine each
+    python -m model loso --recipe multisource --out runs/loso_proxy --proxy   # the cheap proxy, for ranking levers
+
+Fold k is an ordinary training run (in OUT/k, resumable) of the recipe on every `--data` source but k,
+scored on all of source k: its training, validation and test images together, a clinic the model never
+saw. The in-source validation of the same run stands beside it. The table (OUT/loso.json, OUT/loso.md)
+gathers the folds that are done, so folds run apart are joined by running the command once more.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import parse_source
+from .errors import UserError
+
+# The proxy: small images, few epochs, a third of each source's training lesions (docs/notebook/ says how
+# well it ranks recipes like full runs do).
+PROXY = dict(image_size=96, epochs=3, train_fraction=0.3)
+
+
+def source_names(cfg: TrainConfig) -> list[str]:
+    names = [parse_source(spec)[0] for spec in cfg.data]
+    if len(names) < 2:
+        raise UserError(f"leave-one-source-out needs at least two --data sources; got {len(names)} "
+                        f"({', '.join(names) or 'none'}).")
+    if len(set(names)) < len(names):
+        raise UserError(f"two --data sources share a name ({', '.join(names)}); name them apart as NAME=PATH.")
+    return names
+
+
+def whole_source(spec: str) -> str:
+    """The spec of every image of a source, whatever splits the recipe trains on ('labels.csv:train,val'
+    held out means all of labels.csv)."""
+    name, path, _ = parse_source(spec)
+    return f"{name}={path}"
+
+
+def fold_config(cfg: TrainConfig, held_out: str, out) -> TrainConfig:
+    """The recipe without `held_out`, scored on all of it (plain view, as the fold's checkpoint is validated)."""
+    spec = next(s for s in cfg.data if parse_source(s)[0] == held_out)
+    workdir = Path(out) / held_out
+    return dataclasses.replace(cfg, data=[s for s in cfg.data if s != spec], external_eval=[whole_source(spec)],
+                               tta=False, workdir=str(workdir), resume=(workdir / "latest").exists())
+
+
+def fold_result(cfg: TrainConfig, held_out: str, out) -> dict | None:
+    """The finished fold's held-out metrics and in-source validation, or None while it is not finished."""
+    fold = fold_config(cfg, held_out, out)
+    results_path = Path(fold.workdir) / "results.json"
+    if not results_path.exists():
+        return None
+    results = json.loads(results_path.read_text())
+    held = results["external"][fold.external_eval[0]]
+    rows = [json.loads(line) for line in (Path(fold.workdir) / "log.jsonl").read_text().splitlines() if line]
+    best = max(rows, key=lambda r: r["val_selection_score"])
+    keys = ("n", "balanced_accuracy", "balanced_accuracy_ci", "malignant_auc", "malignant_auc_ci", "recall",
+            "support", "absent_classes", "confusion")
+    return {"held_out": held_out, "trained_on": [parse_source(s)[0] for s in fold.data], "best_epoch": best["epoch"],
+            **{k: held.get(k) for k in keys}, "in_source_val": best["val_sources"]}
+
+
+def run_folds(cfg: TrainConfig, out, folds=None) -> None:
+    """Train and score each fold that is not finished; an interrupted fold continues where it stopped."""
+    from .train import train_and_evaluate   # noqa: PLC0415 (the table needs no JAX)
+    names = source_names(cfg)
+    unknown = sorted(set(folds or ()) - set(names))
+    if unknown:
+        raise UserError(f"--fold {', '.join(unknown)}: not a source of this recipe; its sources are "
+                        f"{', '.join(names)}.")
+    todo = [n for n in names if not folds or n in folds]
+    for i, name in enumerate(todo, 1):
+        if fold_result(cfg, name, out) is not None:
+            print(f"fold {i}/{len(todo)}: {name} held out: done already", flush=True)
+            continue
+        fold = fold_config(cfg, name, out)
+        state = "resuming" if fold.resume else "training"
+        print(f"fold {i}/{len(todo)}: {name} held out: {state} on {', '.join(parse_source(s)[0] for s in fold.data)}"
+              f" in {fold.workdir}", flush=True)
+        train_and_evaluate(fold)
+
+
+def table(cfg: TrainConfig, out) -> dict:
+    """Every fold's row (None while unfinished) and the mean over finished folds; written to OUT/loso.json
+    and OUT/loso.md."""
+    names = source_names(cfg)
+    folds = {name: fold_result(cfg, name, out) for name in names}
+    done = [f for f in folds.values() if f]
+    mean = {k: float(np.mean([f[k] for f in done if f[k] is not None])) if any(f[k] is not None for f in done)
+            else None for k in ("balanced_accuracy", "malignant_auc")}
+    result = {"recipe": cfg.to_dict(), "folds": folds, "finished": len(done), "of": len(names), "mean": mean}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "loso.json").write_text(json.dumps(result, indent=2))
+    (Path(out) / "loso.md").write_text(markdown(result))
+    return result
+
+
+def _f(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _ci(values) -> str:
+    return f" ({values[0]:.3f}-{values[1]:.3f})" if values else ""
+
+
+def markdown(result: dict) -> str:
+    folds = result["folds"]
+    classes = next((list(f["support"]) for f in folds.values() if f), [])
+    lines = [f"# Leave-one-source-out: {result['finished']} of {result['of']} folds finished", "",
+             "Each row: trained on every other source, scored on all images of the held-out one (plain view, "
+             "balanced accuracy over the classes that source has; 95% bootstrap intervals). "
+             "'absent': the source has no such lesion.", "",
+             "| held out | n | balanced accuracy | malignant AUC | " + " | ".join(f"{c} recall" for c in classes)
+             + " | in-source val. bal. acc. |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in classes) + " | --- |"]
+    for name, f in folds.items():
+        if f is None:
+            lines.append(f"| {name} | not finished | | | " + " | ".join("" for _ in classes) + " | |")
+            continue
+        recall = [("absent" if c in f["absent_classes"] else _f(f["recall"].get(c))) for c in classes]
+        val = ", ".join(f"{s} {_f(m['balanced_accuracy'])}" for s, m in f["in_source_val"].items())
+        lines.append(f"| {name} | {f['n']} | {_f(f['balanced_accuracy'])}{_ci(f['balanced_accuracy_ci'])} | "
+                     f"{_f(f['malignant_auc'])}{_ci(f['malignant_auc_ci'])} | " + " | ".join(recall) + f" | {val} |")
+    lines += [f"| **mean** | | **{_f(result['mean']['balanced_accuracy'])}** | **{_f(result['mean']['malignant_auc'])}**"
+              " | " + " | ".join("" for _ in classes) + " | |", ""]
+    for name, f in folds.items():
+        if f:
+            lines += [f"Confusion, {name} held out (rows: true {', '.join(classes)}; columns: predicted):", "",
+                      "```", *(" ".join(f"{v:5d}" for v in row) for row in f["confusion"]), "```", ""]
+    return "\n".join(lines)
