@@ -66,6 +66,13 @@ def cmd_loso(args):
     print(f"wrote {args.out}/loso.json and loso.md ({result['finished']} of {result['of']} folds finished)")
 
 
+def cmd_audit(args):
+    from .audit import audit
+    audit(args.checkpoint, args.sets, args.out, max_images=args.max_images, tta=args.tta, record=args.record)
+    print((Path(args.out) / "audit.md").read_text())
+    print(f"wrote {args.out}/audit.json and audit.md")
+
+
 def cmd_organize(args):
     from .data import organize
     counts = organize(args.csv, args.images, args.out, mode="link" if args.link else "copy")
@@ -304,6 +311,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("sets", nargs="+", metavar="SET",
                    help="labelled source, optionally NAME=PATH and a :split suffix (e.g. bcn=split.csv:val)")
     p.set_defaults(run=cmd_benchmark)
+
+    p = sub.add_parser("audit", help="shortcut audit: how predictions move under changes that carry no lesion "
+                                     "information (84 px round trip, JPEG, a round frame, colour temperature)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir)")
+    p.add_argument("--out", required=True, help="output folder for audit.json and audit.md")
+    p.add_argument("--max_images", type=int, default=0, help="score a random sample of at most this many images "
+                                                             "per set (0: all)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="average the 8 dihedral views (default: plain view, 8x cheaper)")
+    p.add_argument("--record", action="store_true", help="also store the audit in the checkpoint (its model card)")
+    p.add_argument("sets", nargs="+", metavar="SET",
+                   help="labelled source, optionally NAME=PATH and a :split suffix (e.g. bcn=split.csv:val)")
+    p.set_defaults(run=cmd_audit)
 
     p = sub.add_parser("predict", help="class probabilities for images or folders -> CSV")
     p.add_argument("--checkpoint", required=True)

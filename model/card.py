@@ -289,6 +289,20 @@ def _same_source_note(metadata: dict, specs: list[str]) -> list[str]:
             "training source (same clinics and cameras), so not a test on another source."]
 
 
+def _audit_lines(metadata: dict) -> list[str]:
+    """The shortcut audit `python -m model audit --record` stores in `metrics.audit`."""
+    recorded = (metadata.get("metrics") or {}).get("audit") or {}
+    if not recorded.get("sets"):
+        return []
+    from .audit import markdown   # noqa: PLC0415 (one renderer of the audit table)
+    return ["", "### Shortcut audit", "",
+            "How far predictions move under changes that carry no lesion information (`python -m model audit`, "
+            "plain view): the 84 px round trip of BCN_20000's thumbnails, JPEG quality 30, a dark round frame "
+            "added or removed (only images that have one), a colour-temperature shift. A model that reads lesions "
+            "barely moves; flips and malignant-probability changes mark cues that tell sources apart.", "",
+            *markdown(recorded, heading="####").splitlines()]
+
+
 def _benchmark_lines(metadata: dict) -> list[str]:
     """The table `python -m model benchmark --record` stores in `metrics.benchmark`."""
     bench = (metadata.get("metrics") or {}).get("benchmark") or {}
@@ -455,6 +469,7 @@ def model_card_markdown(metadata: dict) -> str:
     lines += _val_lines(md, classes, names)
     lines += _external_lines(md)
     lines += _benchmark_lines(md)
+    lines += _audit_lines(md)
     lines += _tta_lines(md)
     lines += _saliency_lines(md)
     if md.get("ood"):
