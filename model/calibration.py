@@ -5,19 +5,19 @@
   nearest reference validation lesion (Sun et al. 2022; the reference drawn evenly from the sources),
   with a threshold that OOD_PASS_RATE of the other validation lesions pass (the app warns about the
   rest). Distances to class means failed for models trained on source-balanced draws: noise and a
-  text page landed near the means (docs/RESULTS.md, sessions 19 and 20). Given known non-lesion
+  text page landed near the means (docs/notebook/experiment-record.md). Given known non-lesion
   pictures, also a linear lesion / non-lesion boundary: a gate that knows only lesions passed textures,
-  grey pages and a cat (docs/RESULTS.md, session 22);
+  grey pages and a cat (docs/notebook/experiment-record.md);
 - a high-sensitivity operating point: the malignant-probability threshold at which
   OPERATING_SENSITIVITY of malignant validation lesions are flagged, because the arg-max
   misses many melanomas and users should see what a sensitive cut-off costs in specificity.
   With several validation sources it is lowered, where needed and as far as specificity allows,
   until it also flags that share of each source's melanomas: one clinic's melanomas can score
-  lower than another's, and a pooled threshold would under-flag them (docs/RESULTS.md, sessions
+  lower than another's, and a pooled threshold would under-flag them (docs/notebook/experiment-record.md, sessions
   10 and 19);
 - optionally, a prior correction (logit adjustment, Menon et al. 2021): the decision logits are
   the network's minus tau * log(training class frequency), so the arg-max stops favouring the
-  common classes (tau = 0.5 turns sqrt class weights into inverse ones; docs/RESULTS.md session 15);
+  common classes (tau = 0.5 turns sqrt class weights into inverse ones; docs/notebook/experiment-record.md);
 - per-subgroup metrics (sex, age band, body site) so users see where the model is weaker;
 - optionally, the clinical-metadata fusion (model/clinical.py), fitted on the training split
   before the temperature so that the temperature calibrates the fused prediction.
@@ -44,7 +44,7 @@ def unusual_image_gate(pooled: np.ndarray, sources=None, seed: int = 0) -> tuple
     of them, L2-normalised) and the mask of the lesions left out of it, on which its threshold is set:
     scored against a reference they are part of, lesions would look more usual than new ones do.
     With `sources` (one name per lesion) each source gets an equal quota (at most half of its own), so a
-    small source is not drowned by a large one (docs/RESULTS.md, session 20)."""
+    small source is not drowned by a large one (docs/notebook/experiment-record.md)."""
     if len(pooled) < 2:
         return {}, np.ones(len(pooled), bool)
     rng = np.random.default_rng(seed)
@@ -74,7 +74,7 @@ def non_lesion_boundary(reference: np.ndarray, non_lesions: np.ndarray) -> dict:
 
 def highest_source_quantile(score: np.ndarray, sources, q: float) -> float:
     """The highest of the sources' own q-quantiles of `score`: at least q of each source lies at or below it,
-    so the source the model knows least is not the one a threshold costs most (docs/RESULTS.md, session 22)."""
+    so the source the model knows least is not the one a threshold costs most (docs/notebook/experiment-record.md)."""
     sources = np.zeros(len(score)) if sources is None else np.asarray(sources)
     return max(float(np.quantile(score[sources == name], q)) for name in dict.fromkeys(sources.tolist()))
 

@@ -108,7 +108,7 @@ def reference_distance(pooled: np.ndarray, gate: dict) -> np.ndarray:
     unit = unit_rows(pooled)
     k = int(gate["neighbours"])
     # einsum, not `@`: a BLAS matmul here wakes OpenBLAS's threads, whose spinning then slows the next
-    # XLA forward pass on a 2-core CPU by ~30 ms per request (bench/bench_app.py, docs/RESULTS.md session 20).
+    # XLA forward pass on a 2-core CPU by ~30 ms per request (bench/bench_app.py, docs/notebook/experiment-record.md).
     similarity = np.einsum("bd,nd->bn", unit, reference)
     return 1 - np.partition(similarity, -k, axis=1)[:, -k]
 
@@ -301,7 +301,7 @@ class Predictor:
     # --- explanations ---
     @property
     def default_method(self) -> str:
-        """The saliency method chosen for this checkpoint by the rule in docs/RESULTS.md (stored in
+        """The saliency method chosen for this checkpoint by the rule in docs/notebook/experiment-record.md (stored in
         its metadata by bench/saliency_faithfulness.py --record); Grad-CAM where none was chosen."""
         return (self.metadata.get("saliency") or {}).get("default", "gradcam")
 

@@ -406,7 +406,7 @@ def unit_maps(maps, size):
     maps = jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="linear")
     maps = jnp.maximum(maps, 0.0)  # occlusion: a patch whose removal raises the class is no evidence for it
     # A map's offset carries no information (every score but energy-in-mask is rank-based): the least
-    # salient pixel is 0, as in Score-CAM's and pytorch-grad-cam's scaling (docs/RESULTS.md, session 12).
+    # salient pixel is 0, as in Score-CAM's and pytorch-grad-cam's scaling (docs/notebook/experiment-record.md).
     maps = maps - maps.min(axis=(1, 2), keepdims=True)
     # Robust scale: the 99th percentile, so a few extreme pixels do not wash out the rest; the
     # max when the map is sparser than 1 %; all-zero (and flat) maps come out zero.

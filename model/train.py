@@ -262,8 +262,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     if balances_classes(cfg.sampling) and cfg.class_weighting != "none":
         distributed.say(f"WARNING: --sampling {cfg.sampling} already evens out the classes; "
                         f"--class_weighting {cfg.class_weighting} weights the rare classes again, counting their "
-                        "rarity twice. Pass --class_weighting none unless that is what you want (docs/RESULTS.md, "
-                        "session 18).")
+                        "rarity twice. Pass --class_weighting none unless that is what you want.")
     num_classes = len(classes)
     metadata = model_metadata(cfg, classes, summary)
     metadata["training"]["mesh"] = {"processes": jax.process_count(), "devices": mesh.devices.size, "global_batch": batch}

@@ -236,7 +236,7 @@ def test_card_compares_the_served_tta_with_the_plain_view():
     metadata["metrics"]["benchmark_plain"] = {"tta": False, "sets": plain}
     card = model_card_markdown(metadata)
     assert "### Test-time augmentation" in card and "serve the 8 dihedral views" in card
-    assert "docs/RESULTS.md" not in card.split("### Test-time augmentation")[1].split("###")[0]
+    assert "docs/notebook/experiment-record.md" not in card.split("### Test-time augmentation")[1].split("###")[0]
     assert "| ph2 | 0.654 | 0.624 | 0.881 | 0.800 |" in card
     assert "| isic2017_test | 0.550 | 0.520 | 0.778 | 0.800 |" in card
     metadata["tta"] = False

@@ -74,7 +74,7 @@ def photographs_not_lesions() -> list[Path]:
 
 def test_non_dermoscopy_images_are_flagged_and_lesions_pass(predictor):
     # The gate's boundary learned from other non-lesion pictures (OpenCV's samples), none of these:
-    # without it the gate passed one of each set (docs/RESULTS.md, session 22).
+    # without it the gate passed one of each set (docs/notebook/experiment-record.md).
     assert predictor.metadata["ood"]["non_lesion"]["non_lesions"] == 91
     synthetic = predictor.analyse([Image.fromarray(a) for a in synthetic_non_lesions()])
     assert synthetic["unusual"].all(), synthetic["unusual"]

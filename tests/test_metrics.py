@@ -265,7 +265,7 @@ def test_unusual_image_gate_flags_features_among_no_lesions_even_at_their_mean()
     from model.predictor import reference_distance
 
     # Lesions' features on a ring: their mean, the ring's centre, is near none of them (where a
-    # class-mean distance scored noise and text pages as usual, docs/RESULTS.md session 20).
+    # class-mean distance scored noise and text pages as usual, docs/notebook/experiment-record.md).
     def lesions(n, seed):
         rng = np.random.default_rng(seed)
         angle = rng.uniform(0, 2 * np.pi, n)

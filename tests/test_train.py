@@ -692,3 +692,18 @@ def test_one_class_data_or_a_failed_start_leaves_no_workdir(synthetic_data, tmp_
     with pytest.raises(UserError):
         train_and_evaluate(smoke_config(synthetic_data.folders, older, task="binary"))
     assert (older / "notes.txt").read_text() == "keep me" and not (older / "config.json").exists()
+
+
+def test_a_run_restarted_after_a_kill_overwrites_a_best_step_ahead_of_its_latest(tmp_path):
+    """Killed between saving best/ and latest/, a run starts again from scratch: its first best/ save must
+    replace the stale step of the same number, not fail on it."""
+    metadata = {"arch": "simple_cnn", "arch_config": {}, "classes": ["nv", "mel"], "image_size": 32,
+                "normalisation": Normalisation(mean=(0.5,) * 3, std=(0.5,) * 3).to_dict()}
+    stale, fresh = build("simple_cnn", 2, seed=0), build("simple_cnn", 2, seed=1)
+    checkpoint.save(tmp_path / "best", 1, stale, {**metadata, "run": "killed"})
+    checkpoint.save(tmp_path / "best", 1, fresh, {**metadata, "run": "restarted"})
+    model, saved = checkpoint.load_model(tmp_path / "best")
+    assert saved["run"] == "restarted"
+    x = jnp.ones((1, 32, 32, 3))
+    fresh.eval()
+    np.testing.assert_allclose(model(x), fresh(x), rtol=1e-6)
