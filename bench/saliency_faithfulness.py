@@ -326,7 +326,7 @@ RANDOMISATION_LIMIT = 0.5  # mean Spearman with the random-weights map must stay
 
 
 def choose_default(rows: dict) -> tuple[str, str]:
-    """(method, why) by the rule in docs/RESULTS.md: passes the randomisation check, beats the
+    """(method, why) by the rule in docs/notebook/experiment-record.md: passes the randomisation check, beats the
     centred Gaussian on both mask scores, best insertion - deletion; within the leader's 95 %
     half-width counts as tied, and ties go to the cheaper method. Grad-CAM when none qualifies."""
     gauss = rows["centred Gaussian"]

@@ -7,10 +7,8 @@ Members fine-tuned from the same start (pretrained weights, recipe, data order) 
 where the mean of their parameters and batch-norm statistics is one network of a member's size and
 cost that does as well as their ensemble. The members must share architecture, classes and
 preprocessing. What described a member's own weights (calibration, measurements) is left out of the
-soup's metadata: calibrate it on validation data, then benchmark it. Measured on F and G (session 14,
-docs/RESULTS.md): worse than either member, so not bundled. Session 21's greedy soup from the bundled Q
-(with P, F1, F2, F, and Q's own seed 1): no soup collapsed, and each met fewer of issue 14's seven
-validation bars than Q alone (5 or 4 of 7 against 6).
+soup's metadata: calibrate it on validation data, then benchmark it. Last result (docs/RESULTS.md, levers):
+every soup of the bundled recipe with its other seeds and recipes was worse than its best member.
 """
 import argparse
 import sys
