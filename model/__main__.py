@@ -61,7 +61,7 @@ def cmd_loso(args):
         cfg = dataclasses.replace(cfg, **PROXY)
     if not args.table_only:
         run_folds(cfg, args.out, args.fold)
-    result = table(cfg, args.out)
+    result = table(cfg, args.out, args.reference or ())
     print((Path(args.out) / "loso.md").read_text())
     print(f"wrote {args.out}/loso.json and loso.md ({result['finished']} of {result['of']} folds finished)")
 
@@ -285,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", action="store_true", help="the cheap proxy: smaller images, fewer epochs, part of "
                                                         "each source (model.loso.PROXY)")
     p.add_argument("--table_only", action="store_true", help="train nothing: gather the finished folds into the table")
+    p.add_argument("--reference", action="append", metavar="CHECKPOINT",
+                   help="also score this checkpoint on every source it did not train on (e.g. a single-source "
+                        "model), beside the folds; repeatable")
     p.set_defaults(run=cmd_loso)
 
     p = sub.add_parser("evaluate", help="metrics, report and plots for a checkpoint on a labelled set")

@@ -3,6 +3,7 @@
     python -m model loso --recipe multisource --out runs/loso                 # every fold, then the table
     python -m model loso --recipe multisource --out runs/loso --fold isic2017 # one fold: one process or machine each
     python -m model loso --recipe multisource --out runs/loso_proxy --proxy   # the cheap proxy, for ranking levers
+    python -m model loso --recipe multisource --out runs/loso --table_only --reference CHECKPOINT   # another model beside it
 
 Fold k is an ordinary training run (in OUT/k, resumable) of the recipe on every `--data` source but k,
 scored on all of source k: its training, validation and test images together, a clinic the model never
@@ -85,15 +86,42 @@ def run_folds(cfg: TrainConfig, out, folds=None) -> None:
         train_and_evaluate(fold)
 
 
-def table(cfg: TrainConfig, out) -> dict:
-    """Every fold's row (None while unfinished) and the mean over finished folds; written to OUT/loso.json
-    and OUT/loso.md."""
+def _trained_paths(metadata: dict) -> set[str]:
+    config = metadata.get("training", {}).get("config", {})
+    specs = config.get("data") or []
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    return {str(Path(parse_source(spec)[1]).resolve()) for spec in [*specs, *(config.get("extra_train") or [])]}
+
+
+def reference_rows(cfg: TrainConfig, checkpoint: str) -> dict:
+    """Another checkpoint (e.g. one trained on a single source) scored like a fold on each source it did not
+    train on, plain view; a source it trained on is marked, never scored."""
+    from .evaluate import evaluate_split, labelled_split   # noqa: PLC0415 (JAX only when asked)
+    from .predictor import Predictor   # noqa: PLC0415
+    predictor = Predictor.load(checkpoint)
+    trained = _trained_paths(predictor.metadata)
+    rows = {}
+    for spec in cfg.data:
+        name, path, _ = parse_source(spec)
+        if str(Path(path).resolve()) in trained:
+            rows[name] = "trained on it"
+            continue
+        m = evaluate_split(predictor, labelled_split(predictor, whole_source(spec)), predictor.classes, tta=False)[0]
+        rows[name] = {k: m.get(k) for k in ("n", "balanced_accuracy", "balanced_accuracy_ci", "malignant_auc",
+                                           "malignant_auc_ci", "recall", "absent_classes")}
+    return {"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id, "rows": rows}
+
+
+def table(cfg: TrainConfig, out, references=()) -> dict:
+    """Every fold's row (None while unfinished), the mean over finished folds, and each reference checkpoint
+    on the same held-out sources; written to OUT/loso.json and OUT/loso.md."""
     names = source_names(cfg)
     folds = {name: fold_result(cfg, name, out) for name in names}
     done = [f for f in folds.values() if f]
     mean = {k: float(np.mean([f[k] for f in done if f[k] is not None])) if any(f[k] is not None for f in done)
             else None for k in ("balanced_accuracy", "malignant_auc")}
-    result = {"recipe": cfg.to_dict(), "folds": folds, "finished": len(done), "of": len(names), "mean": mean}
+    result = {"recipe": cfg.to_dict(), "folds": folds, "finished": len(done), "of": len(names), "mean": mean,
+              "references": [reference_rows(cfg, c) for c in references]}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "loso.json").write_text(json.dumps(result, indent=2))
     (Path(out) / "loso.md").write_text(markdown(result))
@@ -128,6 +156,18 @@ def markdown(result: dict) -> str:
                      f"{_f(f['malignant_auc'])}{_ci(f['malignant_auc_ci'])} | " + " | ".join(recall) + f" | {val} |")
     lines += [f"| **mean** | | **{_f(result['mean']['balanced_accuracy'])}** | **{_f(result['mean']['malignant_auc'])}**"
               " | " + " | ".join("" for _ in classes) + " | |", ""]
+    for ref in result.get("references") or []:
+        lines += [f"Beside it, `{ref['checkpoint']}` ({ref['checkpoint_id']}) on the same sources, plain view:", "",
+                  "| source | n | balanced accuracy | malignant AUC | " + " | ".join(f"{c} recall" for c in classes) + " |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in classes) + " |"]
+        for name, r in ref["rows"].items():
+            if isinstance(r, str):
+                lines.append(f"| {name} | {r} | | | " + " | ".join("" for _ in classes) + " |")
+                continue
+            recall = [("absent" if c in r["absent_classes"] else _f(r["recall"].get(c))) for c in classes]
+            lines.append(f"| {name} | {r['n']} | {_f(r['balanced_accuracy'])}{_ci(r['balanced_accuracy_ci'])} | "
+                         f"{_f(r['malignant_auc'])}{_ci(r['malignant_auc_ci'])} | " + " | ".join(recall) + " |")
+        lines.append("")
     for name, f in folds.items():
         if f:
             lines += [f"Confusion, {name} held out (rows: true {', '.join(classes)}; columns: predicted):", "",
