@@ -50,9 +50,24 @@ def fold_config(cfg: TrainConfig, held_out: str, out) -> TrainConfig:
                                tta=False, workdir=str(workdir), resume=(workdir / "latest").exists())
 
 
+def check_same_recipe(fold: TrainConfig) -> None:
+    """Refuse a fold folder that an earlier command filled with other settings: its numbers would be
+    reported under this recipe's name."""
+    saved = Path(fold.workdir) / "config.json"
+    if not saved.exists():
+        return
+    before, now = json.loads(saved.read_text()), fold.to_dict()
+    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
+    if changed:
+        raise UserError(f"{fold.workdir} holds a fold trained with other settings ("
+                        + ", ".join(f"{k}: {before.get(k)!r} there, {now[k]!r} now" for k in changed[:4])
+                        + (", ..." if len(changed) > 4 else "") + "); give this recipe its own --out.")
+
+
 def fold_result(cfg: TrainConfig, held_out: str, out) -> dict | None:
     """The finished fold's held-out metrics and in-source validation, or None while it is not finished."""
     fold = fold_config(cfg, held_out, out)
+    check_same_recipe(fold)
     results_path = Path(fold.workdir) / "results.json"
     if not results_path.exists():
         return None

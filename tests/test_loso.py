@@ -99,12 +99,14 @@ def test_one_fold_per_process_then_the_table_joins_them(three_sources, tmp_path)
     # The fold's own checkpoint as a reference: scored only where it never trained.
     from model.__main__ import main
     data = [arg for spec in three_sources for arg in ("--data", spec)]
-    assert main(["loso", "--recipe", "smoke", *data, "--out", str(out), "--table_only",
+    assert main(["loso", "--recipe", "smoke", *data, "--val_frac", "0.34", "--out", str(out), "--table_only",
                  "--reference", str(out / "clinic")]) == 0
     rows = json.loads((out / "loso.json").read_text())["references"][0]["rows"]
     assert rows["ham"] == rows["bcn"] == "trained on it"
     assert rows["clinic"]["n"] == 15 and set(rows["clinic"]["recall"]) == {"nv", "mel", "bkl"}
     assert "| ham | trained on it |" in (out / "loso.md").read_text()
+    with pytest.raises(UserError, match=r"clinic holds a fold trained with other settings \(epochs: 2 there, 3 now"):
+        table(make_config("smoke", data=three_sources, val_frac=0.34, epochs=3), out)
     bad = subprocess.run(loso_cmd(three_sources, out, "--fold", "paris"), cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and "--fold paris: not a source of this recipe" in bad.stderr
