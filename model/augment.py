@@ -29,7 +29,7 @@ class AugmentConfig:
 HAIR_POINTS_PER_PIXEL = 2  # samples along each curve per pixel of image side: unbroken lines
 MAX_HAIRS = 8
 # BCN_20000 comes as 84 px thumbnails: a model that never sees a blurry image from another source
-# learns "blurry = Barcelona = more often malignant" (docs/notebook/experiment-record.md, bench/thumbnail_cue.py).
+# learns "blurry = Barcelona = more often malignant" (`python -m model audit`, its 84 px round trip).
 LOW_RES_SIDE = 84
 
 

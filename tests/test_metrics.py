@@ -693,28 +693,3 @@ def test_single_class_and_empty_inputs_stay_nan_without_warnings():
         assert M.confusion_matrix([], [], 7).shape == (7, 7)
         fpr, tpr, thr = M.roc_curve([], [])
         assert np.isnan(fpr).all() and np.isnan(tpr).all() and list(thr) == [np.inf]
-
-
-def test_thumbnail_cue_bench_scores_the_same_images_shrunk(tmp_path):
-    """bench/thumbnail_cue.py on a split of four real images on disk: the squashed copies are 84x84 PNGs,
-    and both versions are scored through the benchmark with the cue table printed."""
-    import subprocess
-
-    from PIL import Image
-    from test_app import make_tiny_checkpoint
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
-    rng = np.random.default_rng(0)
-    (tmp_path / "img").mkdir()
-    lines = ["path,split,dx,group"]
-    for i, dx in enumerate(["mel", "nv", "bkl", "mel", "nv"]):
-        Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
-        lines.append(f"img/{i}.jpg,{'train' if i == 4 else 'val'},{dx},g{i}")
-    split = tmp_path / "split.csv"
-    split.write_text("\n".join(lines) + "\n")
-    script = Path(__file__).resolve().parents[1] / "bench" / "thumbnail_cue.py"
-    out = subprocess.run([sys.executable, str(script), str(ckpt), "--split", str(split), "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, check=True).stdout
-    shrunk = sorted((tmp_path / "o" / "shrunk" / "images").glob("*.png"))
-    assert len(shrunk) == 4 and all(Image.open(p).size == (84, 84) for p in shrunk)
-    assert "| as_is | 4 |" in out and "| squashed_84px | 4 |" in out
-    assert "benign flagged at the sensitive threshold" in out
