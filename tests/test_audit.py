@@ -61,6 +61,7 @@ def test_movement_counts_flips_and_the_signed_malignant_change_per_true_class():
     assert m["per_class"]["mel"]["flip_share"] == 0.0
 
 
+@pytest.mark.slow
 def test_audit_command_on_a_real_checkpoint_writes_tables_and_the_card(tiny_checkpoint, tmp_path, write_image):
     rows = []
     for k, dx in enumerate(["nv", "nv", "mel", "bkl"]):

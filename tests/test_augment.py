@@ -15,6 +15,7 @@ def images(synthetic_data_shared):
     return np.stack([to_square(load_image(p), SIZE, "squash") for p in paths]).astype(np.float32) / 255
 
 
+@pytest.mark.slow
 def test_hair_mask_draws_thin_curves():
     masks = np.stack([np.asarray(hair_mask(jax.random.key(i), 160)) for i in range(20)])
     assert set(np.unique(masks)) == {0.0, 1.0}
@@ -24,6 +25,7 @@ def test_hair_mask_draws_thin_curves():
     np.testing.assert_array_equal(masks[3], np.asarray(hair_mask(jax.random.key(3), 160)))
 
 
+@pytest.mark.slow
 def test_vignette_darkens_corners_and_keeps_the_centre(images):
     outs = np.stack([np.asarray(add_vignette(jax.random.key(i), images[0])) for i in range(20)])
     centre = slice(SIZE // 2 - 8, SIZE // 2 + 8)
@@ -32,6 +34,7 @@ def test_vignette_darkens_corners_and_keeps_the_centre(images):
     assert (corner_kept <= 1.0 + 1e-6).all() and np.median(corner_kept) < 0.1 and corner_kept.mean() < 0.3
 
 
+@pytest.mark.slow
 def test_artefacts_only_darken_the_same_augmented_view(images):
     key = jax.random.key(1)
     plain = np.asarray(augment(key, images, AugmentConfig()))
@@ -43,6 +46,7 @@ def test_artefacts_only_darken_the_same_augmented_view(images):
     np.testing.assert_array_equal(never, plain)
 
 
+@pytest.mark.slow
 def test_low_resolution_blurs_like_a_thumbnail_and_leaves_other_draws_alone(synthetic_data_shared):
     paths = sorted(synthetic_data_shared.ham_images.glob("*.jpg"))[:4]
     images = np.stack([to_square(load_image(p), 160, "squash") for p in paths]).astype(np.float32) / 255

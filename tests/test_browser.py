@@ -19,6 +19,8 @@ import pytest
 
 from test_app import SAMPLE, AppProcess, _gate_between, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # launches apps, trains or loads real models: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -186,6 +186,7 @@ def test_card_command_writes_the_same_markdown(tmp_path, capsys):
     assert main(["card", "--checkpoint", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "default"])
 def test_info_prints_a_short_summary_and_the_full_json_on_request(which, tmp_path, capsys):
     import json

@@ -60,6 +60,7 @@ def test_no_fusion_is_the_identity_and_foreign_fusions_are_refused():
         clinical.fuse(logits, np.zeros((3, 1), np.float32), foreign)
 
 
+@pytest.mark.slow
 def test_training_with_clinical_fusion_stores_and_uses_it(synthetic_data, tmp_path):
     cfg = make_config("smoke", data=str(synthetic_data.ham_dir), workdir=str(tmp_path / "run"), val_frac=0.34,
                       clinical_fusion=True)
@@ -78,6 +79,7 @@ def test_training_with_clinical_fusion_stores_and_uses_it(synthetic_data, tmp_pa
     np.testing.assert_allclose(predictor.predict(images, people=records), predictor.probabilities(known), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fuse_command_reports_with_and_without(synthetic_data, tmp_path):
     workdir = tmp_path / "run"
     train_and_evaluate(make_config("smoke", data=str(synthetic_data.ham_dir), workdir=str(workdir), val_frac=0.34))

@@ -8,6 +8,8 @@ from PIL import Image
 from model import checkpoint
 from model.predictor import Predictor
 
+pytestmark = pytest.mark.slow   # launches apps, trains or loads real models: `make test`, not `make test-fast`
+
 DEFAULT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -22,6 +22,8 @@ import pytest
 from model import checkpoint
 from model.predictor import Predictor
 
+pytestmark = pytest.mark.slow   # launches apps, trains or loads real models: `make test`, not `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 # 3 epochs of 3 steps, a global batch of 4 (one image per device): room to lose a process after the first
 # checkpoint, and the same global batch on 2 x 2 devices as on 1 x 4.

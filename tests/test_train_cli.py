@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.config import RECIPE_PURPOSES, RECIPES, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # each test starts train.py
 
 
 def _train_py(*args) -> subprocess.CompletedProcess:
