@@ -57,8 +57,8 @@ def cmd_loso(args):
     from .config import from_arguments
     from .loso import PROXY, run_folds, table
     cfg = from_arguments(args)
-    if args.proxy:
-        cfg = dataclasses.replace(cfg, **PROXY)
+    if args.proxy:   # the proxy's sizes, under any the command line gives itself
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in PROXY.items() if getattr(args, k) is None})
     if not args.table_only:
         run_folds(cfg, args.out, args.fold)
     result = table(cfg, args.out, args.reference or ())

@@ -54,6 +54,15 @@ def test_a_fold_trains_on_the_other_sources_and_is_scored_on_all_of_the_held_out
         table(make_config("smoke", data=three_sources[:1]), tmp_path)
 
 
+def test_the_proxy_sets_its_sizes_under_the_flags_given(three_sources, tmp_path):
+    from model.__main__ import main
+    data = [arg for spec in three_sources for arg in ("--data", spec)]
+    assert main(["loso", "--recipe", "smoke", *data, "--proxy", "--epochs", "5", "--table_only",
+                 "--out", str(tmp_path)]) == 0
+    recipe = json.loads((tmp_path / "loso.json").read_text())["recipe"]
+    assert (recipe["image_size"], recipe["train_fraction"], recipe["epochs"]) == (96, 0.3, 5)
+
+
 @pytest.mark.slow
 def test_loso_runs_every_fold_resumes_after_a_kill_and_writes_one_table(three_sources, tmp_path):
     out = tmp_path / "loso"
