@@ -3,7 +3,7 @@
     python -m model loso --recipe multisource --out runs/loso                 # every fold, then the table
     python -m model loso --recipe multisource --out runs/loso --fold isic2017 # one fold: one process or machine each
     python -m model loso --recipe multisource --out runs/loso_proxy --proxy   # the cheap proxy, for ranking levers
-    python -m model loso --recipe multisource --out runs/loso --table_only --reference CHECKPOINT   # another model beside it
+    python -m model loso --recipe multisource --out runs/loso --table_only --reference CKPT   # another model beside it
 
 Fold k is an ordinary training run (in OUT/k, resumable) of the recipe on every `--data` source but k,
 scored on all of source k: its training, validation and test images together, a clinic the model never
@@ -57,7 +57,7 @@ def check_same_recipe(fold: TrainConfig) -> None:
     if not saved.exists():
         return
     before, now = json.loads(saved.read_text()), fold.to_dict()
-    changed = sorted(k for k in now if k != "resume" and before.get(k) != now[k])
+    changed = sorted(k for k in now if k not in ("resume", "workdir") and before.get(k) != now[k])   # not where
     if changed:
         raise UserError(f"{fold.workdir} holds a fold trained with other settings ("
                         + ", ".join(f"{k}: {before.get(k)!r} there, {now[k]!r} now" for k in changed[:4])
@@ -151,37 +151,38 @@ def _ci(values) -> str:
     return f" ({values[0]:.3f}-{values[1]:.3f})" if values else ""
 
 
+def _cells(m: dict, classes) -> str:
+    """n, balanced accuracy and malignant AUC with their intervals, and recall per class ('absent' where the
+    source has none of it): the columns a fold and a reference share."""
+    recall = ["absent" if c in m["absent_classes"] else _f(m["recall"].get(c)) for c in classes]
+    return (f"{m['n']} | {_f(m['balanced_accuracy'])}{_ci(m['balanced_accuracy_ci'])} | "
+            f"{_f(m['malignant_auc'])}{_ci(m['malignant_auc_ci'])} | " + " | ".join(recall))
+
+
 def markdown(result: dict) -> str:
     folds = result["folds"]
     classes = next((list(f["support"]) for f in folds.values() if f), [])
+    header = "| n | balanced accuracy | malignant AUC | " + " | ".join(f"{c} recall" for c in classes)
+    rule = "| --- | --- | --- | " + " | ".join("---" for _ in classes)
+    blank = " | ".join("" for _ in classes)
     lines = [f"# Leave-one-source-out: {result['finished']} of {result['of']} folds finished", "",
              "Each row: trained on every other source, scored on all images of the held-out one (plain view, "
              "balanced accuracy over the classes that source has; 95% bootstrap intervals). "
              "'absent': the source has no such lesion.", "",
-             "| held out | n | balanced accuracy | malignant AUC | " + " | ".join(f"{c} recall" for c in classes)
-             + " | in-source val. bal. acc. |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in classes) + " | --- |"]
+             f"| held out {header} | in-source val. bal. acc. |", f"| --- {rule} | --- |"]
     for name, f in folds.items():
         if f is None:
-            lines.append(f"| {name} | not finished | | | " + " | ".join("" for _ in classes) + " | |")
+            lines.append(f"| {name} | not finished | | | {blank} | |")
             continue
-        recall = [("absent" if c in f["absent_classes"] else _f(f["recall"].get(c))) for c in classes]
         val = ", ".join(f"{s} {_f(m['balanced_accuracy'])}" for s, m in f["in_source_val"].items())
-        lines.append(f"| {name} | {f['n']} | {_f(f['balanced_accuracy'])}{_ci(f['balanced_accuracy_ci'])} | "
-                     f"{_f(f['malignant_auc'])}{_ci(f['malignant_auc_ci'])} | " + " | ".join(recall) + f" | {val} |")
-    lines += [f"| **mean** | | **{_f(result['mean']['balanced_accuracy'])}** | **{_f(result['mean']['malignant_auc'])}**"
-              " | " + " | ".join("" for _ in classes) + " | |", ""]
+        lines.append(f"| {name} | {_cells(f, classes)} | {val} |")
+    mean = result["mean"]
+    lines += [f"| **mean** | | **{_f(mean['balanced_accuracy'])}** | **{_f(mean['malignant_auc'])}** | {blank} | |", ""]
     for ref in result.get("references") or []:
         lines += [f"Beside it, `{ref['checkpoint']}` ({ref['checkpoint_id']}) on the same sources, plain view:", "",
-                  "| source | n | balanced accuracy | malignant AUC | " + " | ".join(f"{c} recall" for c in classes) + " |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in classes) + " |"]
-        for name, r in ref["rows"].items():
-            if isinstance(r, str):
-                lines.append(f"| {name} | {r} | | | " + " | ".join("" for _ in classes) + " |")
-                continue
-            recall = [("absent" if c in r["absent_classes"] else _f(r["recall"].get(c))) for c in classes]
-            lines.append(f"| {name} | {r['n']} | {_f(r['balanced_accuracy'])}{_ci(r['balanced_accuracy_ci'])} | "
-                         f"{_f(r['malignant_auc'])}{_ci(r['malignant_auc_ci'])} | " + " | ".join(recall) + " |")
+                  f"| source {header} |", f"| --- {rule} |"]
+        lines += [f"| {name} | {r} | | | {blank} |" if isinstance(r, str) else f"| {name} | {_cells(r, classes)} |"
+                  for name, r in ref["rows"].items()]
         lines.append("")
     for name, f in folds.items():
         if f:
