@@ -135,8 +135,8 @@ RECIPES = {
     # validation part; the dermatoscope's field of view cropped out of its black frame; sources and
     # malignancy drawn evenly, no class weights. 160 px for 5 epochs: about 1 h alone on 2 CPU cores.
     # This is the bundled model's recipe (Q'): its in-source numbers and every lever tried on it are in
-    # docs/RESULTS.md; its leave-one-source-out score (`python -m model loso`) is below the HAM10000-only
-    # `default` on outside clinics, which is why the levers are now chosen by held-out sources.
+    # docs/RESULTS.md. On clinics outside the project it scores below the HAM10000-only `default`, which is
+    # why levers are now chosen by held-out sources (`python -m model loso`).
     "multisource": dict(data=[f"{SHARED_DATA}/ham10000", f"{SHARED_DATA}/isic2017/labels.csv:train,val",
                               f"{SHARED_DATA}/isic2019_bcn"],
                         split_file="data/splits/ham10000_val15_seed0.csv",
