@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import checkpoint as checkpoints, metrics
+from . import metrics
 from .data import load_labelled, parse_source
 from .errors import UserError
 from .images import field_of_view_box, load_image
-from .predictor import Predictor
 
 THUMBNAIL_SIDE = 84           # BCN_20000's thumbnails
 JPEG_QUALITY = 30
@@ -90,7 +89,7 @@ def _movement(base: np.ndarray, moved: np.ndarray, malignant: np.ndarray, labels
             "per_class": {c: row(labels == i) for i, c in enumerate(classes) if (labels == i).any()}}
 
 
-def audit_set(predictor: Predictor, spec: str, *, max_images: int = 0, tta: bool = False, seed: int = 0) -> dict:
+def audit_set(predictor, spec: str, *, max_images: int = 0, tta: bool = False, seed: int = 0) -> dict:
     """The audit of one labelled set: its unchanged metrics and each change's movement."""
     records, labels, data_classes, _ = load_labelled(spec, predictor.metadata["task"])
     if not records:
@@ -120,6 +119,9 @@ def audit_set(predictor: Predictor, spec: str, *, max_images: int = 0, tta: bool
 
 def audit(checkpoint: str, sets: list[str], out: str, *, max_images: int = 0, tta: bool = False,
           record: bool = False) -> dict:
+    # JAX only here: the model card renders recorded audits with `markdown` and must not import it.
+    from . import checkpoint as checkpoints   # noqa: PLC0415
+    from .predictor import Predictor   # noqa: PLC0415
     predictor = Predictor.load(checkpoint)
     result = metrics.to_jsonable({
         "checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id, "tta": tta,

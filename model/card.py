@@ -346,7 +346,8 @@ def _tta_lines(metadata: dict) -> list[str]:
 
 
 def _saliency_lines(metadata: dict) -> list[str]:
-    """Which saliency method the overlay shows, chosen by the rule in docs/notebook/experiment-record.md, and its scores."""
+    """Which saliency method the overlay shows, chosen by the rule in docs/notebook/experiment-record.md,
+    and its scores."""
     chosen = metadata.get("saliency") or {}
     served = (" Class-activation maps explain the prediction as served: the mean of the 8 views' maps, each turned "
               "back to the image." if metadata.get("tta") else "")
@@ -356,8 +357,8 @@ def _saliency_lines(metadata: dict) -> list[str]:
                 "by the faithfulness benchmark (`bench/saliency_faithfulness.py --record`)." + served]
     lines = ["", "### Explanations", "",
              f"The overlay shows **{chosen['default']}**, by a rule written before the measurements "
-             f"(docs/notebook/experiment-record.md): {chosen.get('reason', '')}.{served} Every other method stays available in the "
-             "chat and the Compare tab. "
+             f"(docs/notebook/experiment-record.md): {chosen.get('reason', '')}.{served} Every other method stays "
+             "available in the chat and the Compare tab. "
              f"Scores on {chosen.get('n_images', '?')} HAM10000 validation images with lesion masks "
              f"(deletion / insertion on {chosen.get('n_faithfulness', '?')}):", "",
              "| map | energy in mask | pointing game | rank corr. with random weights | deletion AUC | insertion AUC "
