@@ -30,7 +30,7 @@ def scores_at_sizes(checkpoint: str, sizes: list[int], evals: list[str]):
         predictor = Predictor(trained.model, {**trained.metadata, "image_size": size})
         result = {"checkpoint": checkpoint, "size": size}
         for spec in evals:
-            scores, _ = evaluate_split(predictor, labelled_split(predictor, spec), predictor.classes, n_bootstrap=0)
+            scores, _ = evaluate_split(predictor, labelled_split(predictor, spec), n_bootstrap=0)
             result[spec] = {k: round(float(scores[k]), 4) for k in REPORTED}
         yield result
 

@@ -31,10 +31,27 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from .evaluate import evaluate
     result = evaluate(args.checkpoint, args.csv, args.out, split=args.split, tta=args.tta,
-                      n_bootstrap=args.bootstrap)
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "melanoma_sensitivity", "ece")
-    print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+                      n_bootstrap=args.bootstrap, strict=args.strict)
+    print(evaluation_summary(result))
     print(f"wrote {args.out}/metrics.json, report.md, predictions.csv and plots")
+
+
+def evaluation_summary(result: dict) -> str:
+    """The headline numbers of an evaluation, 3 decimals, then what was skipped."""
+    def number(key):
+        value = result.get(key)
+        return "n/a" if value is None or value != value else f"{value:.3f}"
+    lines = [f"{result['n']} images" + (f"; {result['scored_by']}" if result.get("scored_by") else ""),
+             *(f"  {label:<24}{number(key)}" for label, key in (
+                 ("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"),
+                 ("macro AUC", "macro_auc"), ("malignant AUC", "malignant_auc"), ("ECE", "ece")))]
+    point = result.get("operating_point")
+    if point:
+        lines.append(f"  at the sensitive threshold {point['threshold']:.3f}: malignant sensitivity {point['malignant_sensitivity']:.3f}, "
+                     f"specificity {point['malignant_specificity']:.3f}")
+    skipped = result.get("skipped") or []
+    lines += [f"skipped or changed ({len(skipped)} notes; --strict stops instead):"] if skipped else []
+    return "\n".join(lines + [f"  {note}" for note in skipped])
 
 
 def cmd_benchmark(args):
@@ -299,6 +316,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="dihedral test-time augmentation (default: as the checkpoint was validated)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--strict", action="store_true",
+                   help="stop (exit 2) when reading the set skips any row or image or counts a label under "
+                        "another class, instead of reporting it and scoring the rest")
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("benchmark", help="one checkpoint on several labelled sources: a table, JSON and a plot")

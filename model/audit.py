@@ -91,7 +91,7 @@ def _movement(base: np.ndarray, moved: np.ndarray, malignant: np.ndarray, labels
 
 def audit_set(predictor, spec: str, *, max_images: int = 0, tta: bool = False, seed: int = 0) -> dict:
     """The audit of one labelled set: its unchanged metrics and each change's movement."""
-    records, labels, data_classes, _ = load_labelled(spec, predictor.metadata["task"])
+    records, labels, data_classes, *_ = load_labelled(spec, predictor.metadata["task"])
     if not records:
         raise UserError(f"{spec}: no labelled images for the task {predictor.metadata['task']!r}.")
     labels = np.array([predictor.classes.index(c) for c in data_classes])[labels]

@@ -48,10 +48,9 @@ def benchmark(checkpoint: str, sets: list[str], out: str, *, tta: bool | None = 
     for spec in sets:
         name, _, _ = parse_source(spec)
         data = labelled_split(predictor, spec)
-        m, logits = evaluate_split(predictor, data, predictor.classes, n_bootstrap=n_bootstrap, tta=tta)
+        m, probs = evaluate_split(predictor, data, n_bootstrap=n_bootstrap, tta=tta)
         rows.append(set_row(name, m))
-        write_predictions(out / f"predictions_{name}.csv", predictor, data.records, data.labels,
-                          predictor.probabilities(logits))
+        write_predictions(out / f"predictions_{name}.csv", predictor.classes, data.records, data.labels, probs)
     result = metrics.to_jsonable({"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id,
                                   "resize": predictor.resize,
                                   "operating_threshold": predictor.operating_threshold, "sets": rows})

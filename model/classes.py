@@ -32,11 +32,14 @@ ALIASES = {
     "naevus": "nv",
     "seborrheic_keratosis": "bkl",
     # ISIC 2018/2019 challenge columns. HAM's akiec covers actinic keratoses and intraepithelial
-    # carcinoma (Bowen's disease); ISIC 2019's invasive SCC has no HAM class and is mapped to akiec
-    # too, the closest keratinocyte class (a stretch: the model card says so).
+    # carcinoma (Bowen's disease).
     "ak": "akiec",
-    "scc": "akiec",
 }
+
+# Diagnoses with no class of their own, counted under the closest one; readers say so in what they skipped.
+# ISIC 2019's invasive SCC goes to akiec, the closest keratinocyte class (a stretch: the model card says so).
+LUMPED = {"scc": "akiec"}
+ALIASES.update(LUMPED)
 
 
 def canonical_label(raw: str) -> str:

@@ -1,7 +1,8 @@
 """Dataset readers: ISIC/HAM metadata CSVs, folder-per-class trees and generic `path,dx` CSVs.
 
 Every reader returns a `Dataset` of `Record`s with absolute image paths and canonical `dx`
-codes (see `classes.canonical_label`), plus human-readable `notes` saying what was skipped.
+codes (see `classes.canonical_label`), plus human-readable notes: `skipped` says what was left out
+or counted under another class (and why), `info` the rest (missing metadata, ignored mask files).
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from .classes import TASKS, canonical_label, task_label
+from .classes import LUMPED, TASKS, canonical_label, task_label
 from .errors import UserError
 from .images import IMAGE_SUFFIXES
 
@@ -47,7 +49,12 @@ class Record:
 class Dataset:
     records: list[Record]
     source: str
-    notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # rows or images left out, labels folded into another class
+    info: list[str] = field(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.skipped + self.info
 
     def __len__(self) -> int:
         return len(self.records)
@@ -168,9 +175,17 @@ def _label_notes(records: list[Record]) -> list[str]:
     return [f"{sum(odd.values())} images have labels no task uses: {listed}; select_task will drop them"]
 
 
-def _read_notes(records: list[Record], missing: Counter, problems: list[tuple]) -> list[str]:
-    """A reader's notes: each (count or list, message) whose count is non-zero, then missing metadata and odd labels."""
-    return [message for count, message in problems if count] + _missing_notes(missing, len(records)) + _label_notes(records)
+def _lumped_notes(raw_labels) -> list[str]:
+    lumped = Counter(key for key in (str(raw).strip().lower() for raw in raw_labels) if key in LUMPED)
+    return [f"{n} images labelled {key} are counted as {LUMPED[key]} ({key} has no class of its own)"
+            for key, n in sorted(lumped.items())]
+
+
+def _read_notes(records: list[Record], missing: Counter, problems: list[tuple], raw_labels=()) -> tuple[list, list]:
+    """A reader's (skipped, info): skipped holds each (count or list, message) whose count is non-zero and the
+    lumped labels; info the labels no task uses (`select_task` drops and names them) and missing metadata."""
+    skipped = [message for count, message in problems if count] + _lumped_notes(raw_labels)
+    return skipped, _label_notes(records) + _missing_notes(missing, len(records))
 
 
 def _examples(items, k: int = 3) -> str:
@@ -215,7 +230,7 @@ def _read_by_image_id(csv_path: Path, image_dir, cols: list[str], rows: list[dic
     if not image_dir.is_dir():
         raise UserError(f"{image_dir}: image folder not found; pass the folder holding the images for {csv_path.name}.")
     by_stem, duplicate_files, derived = _image_index(image_dir)
-    records, seen = [], set()
+    records, seen, raw_labels = [], set(), []
     no_image, no_label, repeated = [], 0, 0
     missing = Counter()
     for row in rows:
@@ -237,22 +252,23 @@ def _read_by_image_id(csv_path: Path, image_dir, cols: list[str], rows: list[dic
             no_image.append(image_id)
             continue
         seen.add(image_id)
+        raw_labels.append(dx)
         records.append(Record(str(path), canonical_label(dx), **_metadata_fields(row, cols, missing)))
 
     orphans = sorted(set(by_stem) - seen)
-    notes = _read_notes(records, missing, [*problems,
+    skipped, info = _read_notes(records, missing, [*problems,
         (no_image, f"{len(no_image)} rows have no image file under {image_dir} (e.g. {_examples(no_image)})"),
         (orphans, f"{len(orphans)} images under {image_dir} have no row in {csv_path.name} (e.g. {_examples(orphans)})"),
         (no_label, f"{no_label} rows have an empty image id or diagnosis and were skipped"),
         (repeated, f"{repeated} rows repeat an image id already read and were skipped"),
         (duplicate_files, f"{duplicate_files} image files share a name with another under {image_dir}; "
-                          "the first (sorted) was used"),
-        (derived, f"ignored {derived} segmentation/mask files")])
+                          "the first (sorted) was used")], raw_labels)
+    info += [f"ignored {derived} segmentation/mask files"] if derived else []
     if not records:
         raise UserError(f"{csv_path}: no row matched an image file under {image_dir} "
                         f"({len(rows)} rows, {len(by_stem)} images found). Pass the folder holding "
                         "the <image id>.jpg files as the image folder.")
-    return Dataset(records, str(csv_path), notes)
+    return Dataset(records, str(csv_path), skipped, info)
 
 
 # ISIC 2018 task 3 and ISIC 2019 one-hot ground truth: `image` then one column per diagnosis.
@@ -337,7 +353,7 @@ def read_class_folders(root, split=None) -> Dataset:
         raise UserError(f"{root}: no such folder.")
     root = _class_root(root)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
-    notes = []
+    info = []
     split_dirs = {d: SPLIT_DIRS[d.name.lower()] for d in subdirs if d.name.lower() in SPLIT_DIRS}
     if subdirs and len(split_dirs) == len(subdirs):
         if split is not None:
@@ -348,7 +364,7 @@ def read_class_folders(root, split=None) -> Dataset:
         else:
             chosen = list(split_dirs)
             if len(chosen) > 1:
-                notes.append(f"read all split folders ({', '.join(d.name for d in chosen)}); pass split= to pick one")
+                info.append(f"read all split folders ({', '.join(d.name for d in chosen)}); pass split= to pick one")
         class_dirs = sorted(c for d in chosen for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
     else:
         if split is not None:
@@ -356,25 +372,24 @@ def read_class_folders(root, split=None) -> Dataset:
                             "leave the split out and make one with model.splits.make_split.")
         class_dirs = subdirs
 
-    records, empty = [], []
+    records, raw_labels, empty = [], [], []
     for d in class_dirs:
         dx = canonical_label(d.name)
         images = [p for p in _walk_images(d) if not _is_derived(p)]
         if not images:
             empty.append(d.name)
         records += [Record(str(p), dx) for p in images]
+        raw_labels += [d.name] * len(images)
     loose = [f for f in root.iterdir() if f.is_file() and _is_image(f.name)]
     if not records:
         what = (f"found {len(loose)} images directly in it but no class folders" if loose
                 else f"found no .jpg/.jpeg/.png images in its sub-folders ({_examples(d.name for d in class_dirs) or 'none'})")
         raise UserError(f"{root}: {what}. Expected one sub-folder per class holding that class's images, "
                         "e.g. benign/ and malignant/, Cancer/ and Non_Cancer/, or mel/, nv/, bkl/ ...")
-    if empty:
-        notes.append(f"class folders with no images: {', '.join(empty)}")
-    if loose:
-        notes.append(f"ignored {len(loose)} images lying directly in {root} (not in a class folder)")
-    notes += _label_notes(records)
-    return Dataset(records, str(root), notes)
+    skipped, labels_info = _read_notes(records, Counter(), [
+        (loose, f"ignored {len(loose)} images lying directly in {root} (not in a class folder)")], raw_labels)
+    info += labels_info + ([f"class folders with no images: {', '.join(empty)}"] if empty else [])
+    return Dataset(records, str(root), skipped, info)
 
 
 def read_labelled_csv(csv_path, split=None) -> Dataset:
@@ -394,7 +409,7 @@ def read_labelled_csv(csv_path, split=None) -> Dataset:
         if not rows:
             raise UserError(f"{csv_path}: no rows with split {split!r}; splits present: "
                             f"{', '.join(f'{k} ({v})' for k, v in available.items() if k)}.")
-    records, no_file, no_label = [], [], 0
+    records, raw_labels, no_file, no_label = [], [], [], 0
     missing = Counter()
     base = csv_path.parent
     for row in rows:
@@ -406,15 +421,16 @@ def read_labelled_csv(csv_path, split=None) -> Dataset:
         if not path.is_file():
             no_file.append(rel)
             continue
+        raw_labels.append(dx)
         records.append(Record(str(path), canonical_label(dx), **_metadata_fields(row, cols, missing)))
-    notes = _read_notes(records, missing, [
-        (no_file, f"{len(no_file)} rows point at missing files (e.g. {_examples(no_file)})"),
-        (no_label, f"{no_label} rows have an empty path or label and were skipped")])
+    skipped, info = _read_notes(records, missing, [
+        (no_file, f"{len(no_file)} rows point at missing files and were skipped (e.g. {_examples(no_file)})"),
+        (no_label, f"{no_label} rows have an empty path or label and were skipped")], raw_labels)
     if not records:
         raise UserError(f"{csv_path}: none of the {len(rows)} rows points at an existing image file "
                         f"(paths are relative to {base}; e.g. {_examples(no_file)}).")
     source = str(csv_path) + (f" [split={split}]" if split else "")
-    return Dataset(records, source, notes)
+    return Dataset(records, source, skipped, info)
 
 
 def read_isic_archive(csv_path, image_dir=None) -> Dataset:
@@ -494,13 +510,13 @@ def read_ph2(root) -> Dataset:
             no_image.append(name)
             continue
         records.append(Record(str(path), dx, lesion_id=f"PH2_{name}"))
-    notes = _read_notes(records, Counter(), [
+    skipped, info = _read_notes(records, Counter(), [
         (no_image, f"{len(no_image)} rows have no image at PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/"
                    f"IMDxxx.bmp (e.g. {_examples(no_image)})"),
         (no_label, f"{no_label} rows have no clinical diagnosis 0/1/2 and were skipped")])
     if not records:
         raise UserError(f"{table}: no row matched an image under {images_dir}.")
-    return Dataset(records, str(table), notes)
+    return Dataset(records, str(table), skipped, info)
 
 
 def derm7pt_class(diagnosis: str) -> str | None:
@@ -550,12 +566,12 @@ def read_derm7pt(root, split=None) -> Dataset:
                               sex=(_clean(row.get("sex")) or "").lower() or None,
                               site=(_clean(row.get("location")) or "").lower() or None))
     listed = ", ".join(f"{k} ({v})" for k, v in unmapped.most_common())
-    notes = _read_notes(records, Counter(), [
+    skipped, info = _read_notes(records, Counter(), [
         (no_image, f"{len(no_image)} rows have no dermoscopic image under {images} (e.g. {_examples(no_image)})"),
         (unmapped, f"{sum(unmapped.values())} images have a diagnosis no HAM10000 class covers: {listed}")])
     if not records:
         raise UserError(f"{meta}: no row with a known diagnosis matched an image under {images}.")
-    return Dataset(records, str(meta) + (f" [split={split}]" if split else ""), notes)
+    return Dataset(records, str(meta) + (f" [split={split}]" if split else ""), skipped, info)
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -683,34 +699,44 @@ def parse_source(spec: str) -> tuple[str, str, list[str]]:
     return name, path, [s for s in splits.split(",") if s]
 
 
-def load_labelled(spec: str, task: str) -> tuple[list[Record], np.ndarray, tuple[str, ...], list[str | None]]:
-    """Records of a source spec (see `parse_source`) under `task`, their labels, the task's classes,
-    and for each record the split it was read from (None when the spec names no split)."""
+class Labelled(NamedTuple):
+    records: list[Record]
+    labels: np.ndarray             # int32 class indices into `classes`
+    classes: tuple[str, ...]       # the task's classes
+    origin: list[str | None]       # the split each record was read from (None when the spec names none)
+    skipped: list[str]             # what the readers and the task left out or counted under another class
+
+
+def load_labelled(spec: str, task: str) -> Labelled:
+    """Records of a source spec (see `parse_source`) under `task`, with what was skipped on the way."""
     _, path, splits = parse_source(spec)
-    records, labels, origin = [], [], []
+    records, labels, origin, skipped = [], [], [], []
     classes = TASKS.get(task)
     for split in splits or [None]:
-        recs, labs, classes = select_task(load_dataset(path, split=split), task)
+        dataset = load_dataset(path, split=split)
+        recs, labs, classes = select_task(dataset, task)
         records += list(recs)
         labels += list(labs)
         origin += [split] * len(recs)
-    return records, np.asarray(labels, np.int32), classes, origin
+        skipped += [note for note in dataset.skipped if note not in skipped]
+    return Labelled(records, np.asarray(labels, np.int32), classes, origin, skipped)
 
 
 def select_task(dataset: Dataset, task: str) -> tuple[list[Record], np.ndarray, tuple[str, ...]]:
     """Records whose dx has a class under `task`, their int32 labels, and the task's classes.
 
-    Dropped records are counted in a note appended to `dataset.notes`.
+    Dropped records are counted and named in a note appended to `dataset.skipped`.
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     classes = TASKS[task]
     index = {c: i for i, c in enumerate(classes)}
-    kept, labels, dropped = [], [], Counter()
+    kept, labels, dropped, examples = [], [], Counter(), []
     for r in dataset.records:
         label = task_label(r.dx, task)
         if label is None:
             dropped[r.dx] += 1
+            examples.append(os.path.basename(r.path))
         else:
             kept.append(r)
             labels.append(index[label])
@@ -721,9 +747,10 @@ def select_task(dataset: Dataset, task: str) -> tuple[list[Record], np.ndarray, 
         raise UserError(f"{dataset.source}: no image has a label of task {task!r} "
                         f"(classes: {', '.join(classes)}); labels found: {listed}.{hint}")
     if dropped:
-        note = f"task {task!r}: dropped {sum(dropped.values())} images with labels outside the task: {listed}"
-        if note not in dataset.notes:
-            dataset.notes.append(note)
+        note = (f"task {task!r}: dropped {sum(dropped.values())} images with labels outside the task: {listed} "
+                f"(e.g. {_examples(examples)})")
+        if note not in dataset.skipped:
+            dataset.skipped.append(note)
     return kept, np.asarray(labels, dtype=np.int32), classes
 
 

@@ -259,11 +259,16 @@ def _cache_key(paths: list[str], size: int, mode: str) -> tuple[str, list[str]]:
     return h.hexdigest()[:24], missing
 
 
-def _unreadable_error(failures: list[tuple[str, str]], total: int) -> UserError:
-    shown = "\n".join(f"  {msg}" for _, msg in failures[:5])
-    more = f"\n  ... and {len(failures) - 5} more" if len(failures) > 5 else ""
-    return UserError(f"{len(failures)} of {total} images could not be read:\n{shown}{more}\n"
-                     "Remove or fix these files (or drop their rows from the CSV), then run again.")
+class UnreadableImages(UserError):
+    """Every image of a set that could not be read, named together; `failures` holds (path, reason) pairs
+    so a caller that may skip them (evaluation) can."""
+
+    def __init__(self, failures: list[tuple[str, str]], total: int):
+        self.failures = failures
+        shown = "\n".join(f"  {msg}" for _, msg in failures[:5])
+        more = f"\n  ... and {len(failures) - 5} more" if len(failures) > 5 else ""
+        super().__init__(f"{len(failures)} of {total} images could not be read:\n{shown}{more}\n"
+                         "Remove or fix these files (or drop their rows from the CSV), then run again.")
 
 
 def _clean_stale_tmp(cache_dir: Path, max_age_s: float = 6 * 3600) -> None:
@@ -301,7 +306,7 @@ def build_cache(paths, size: int, mode: str = "squash", cache_dir=None, *,
     cache_dir = Path(cache_dir or default_cache_dir())
     key, missing = _cache_key(paths, size, mode)
     if missing:
-        raise _unreadable_error([(p, f"{p}: no such file") for p in missing], n)
+        raise UnreadableImages([(p, f"{p}: no such file") for p in missing], n)
     final = cache_dir / f"{key}_{n}x{size}_{mode}.npy"
     shape = (n, size, size, 3)
 
@@ -346,7 +351,7 @@ def build_cache(paths, size: int, mode: str = "squash", cache_dir=None, *,
             # on Ctrl-C or an error: drop queued work, wait only for the images being decoded
             ex.shutdown(wait=True, cancel_futures=True)
         if failures:
-            raise _unreadable_error(failures, n)
+            raise UnreadableImages(failures, n)
         out.flush()
         del out
         with open(final.with_suffix(".json"), "w") as f:

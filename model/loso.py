@@ -121,7 +121,7 @@ def reference_rows(cfg: TrainConfig, checkpoint: str) -> dict:
         if str(Path(path).resolve()) in trained:
             rows[name] = "trained on it"
             continue
-        m = evaluate_split(predictor, labelled_split(predictor, whole_source(spec)), predictor.classes, tta=False)[0]
+        m = evaluate_split(predictor, labelled_split(predictor, whole_source(spec)), tta=False)[0]
         rows[name] = {k: m.get(k) for k in ("n", "balanced_accuracy", "balanced_accuracy_ci", "malignant_auc",
                                            "malignant_auc_ci", "recall", "absent_classes")}
     return {"checkpoint": str(checkpoint), "checkpoint_id": predictor.checkpoint_id, "rows": rows}

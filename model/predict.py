@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .classes import malignant_indices
 from .images import IMAGE_SUFFIXES, load_squares
 from .errors import UserError
 from .predictor import Predictor
@@ -31,14 +32,14 @@ def expand_inputs(inputs) -> list[Path]:
     return paths
 
 
-def probability_columns(predictor: Predictor) -> list[str]:
-    return ["prediction", "malignant_probability", *predictor.classes]
+def probability_columns(classes) -> list[str]:
+    return ["prediction", "malignant_probability", *classes]
 
 
-def probability_row(predictor: Predictor, probs: np.ndarray) -> list[str]:
+def probability_row(classes, probs: np.ndarray) -> list[str]:
     """The `probability_columns` of one image's class probabilities."""
-    return [predictor.classes[int(probs.argmax())], f"{predictor.malignant_probability(probs[None])[0]:.6f}",
-            *[f"{v:.6f}" for v in probs]]
+    malignant = probs[malignant_indices(classes)].sum()
+    return [classes[int(probs.argmax())], f"{malignant:.6f}", *[f"{v:.6f}" for v in probs]]
 
 
 def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None) -> int:
@@ -49,7 +50,7 @@ def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None)
     failures = 0
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *probability_columns(predictor), "error"])
+        writer.writerow(["path", *probability_columns(predictor.classes), "error"])
         for start in range(0, len(paths), BATCH):
             chunk = paths[start:start + BATCH]
             images, errors = load_squares(chunk, predictor.image_size, predictor.resize)
@@ -58,7 +59,7 @@ def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None)
             for path in chunk:
                 if path in errors:
                     failures += 1
-                    writer.writerow([path, *[""] * len(probability_columns(predictor)), errors[path]])
+                    writer.writerow([path, *[""] * len(probability_columns(predictor.classes)), errors[path]])
                 else:
-                    writer.writerow([path, *probability_row(predictor, next(rows)), ""])
+                    writer.writerow([path, *probability_row(predictor.classes, next(rows)), ""])
     return failures

@@ -86,14 +86,22 @@ def _per_class(m: dict, classes: list[str]) -> list[str]:
     return lines
 
 
+def _skipped(m: dict) -> list[str]:
+    lines = [f"Scored as {m['scored_by']}."] if m.get("scored_by") else []
+    if m.get("skipped"):
+        lines += ["", "## Skipped or changed while reading", "",
+                  *(f"- {note}" for note in m["skipped"]), "", "(`evaluate --strict` stops instead.)"]
+    return lines
+
+
 def _malignant(m: dict) -> list[str]:
     if m.get("malignant_auc") is None and m.get("malignant_sensitivity") is None:
         return []
     thr = m.get("malignant_threshold", 0.5)
     lines = ["## Malignant vs benign", "",
-             f"Score: summed probability of the malignant classes; flagged malignant when >= {thr}."
-             + (" The operating point is the checkpoint's high-sensitivity threshold, chosen on validation."
-                if m.get("operating_point") else ""), ""]
+             f"Score: summed probability of the malignant classes, read at {thr}"
+             + (" and at the checkpoint's high-sensitivity operating point (chosen on validation)."
+                if m.get("operating_point") else "."), ""]
     rows = [["AUC", _fmt(m.get("malignant_auc")), _fmt_ci(m.get("malignant_auc_ci"))],
             [f"Sensitivity @ {thr}", _fmt(m.get("malignant_sensitivity")), ""],
             [f"Specificity @ {thr}", _fmt(m.get("malignant_specificity")), ""]]
@@ -163,7 +171,7 @@ def _extra(extra_sections) -> list[str]:
 def render_markdown(metrics: dict, classes, *, title: str, reliability: dict, extra_sections=None) -> str:
     """The report.md text (figures are referenced by their file names in the same folder)."""
     classes = list(classes)
-    parts = [[f"# {title}"], _headline(metrics), _per_class(metrics, classes), _malignant(metrics),
+    parts = [[f"# {title}"], _headline(metrics), _skipped(metrics), _per_class(metrics, classes), _malignant(metrics),
              _calibration(metrics, reliability), _confusion(metrics, classes),
              ["## ROC curves", "", "![ROC curves](roc_curves.png)"], _subgroups(metrics),
              _extra(extra_sections)]

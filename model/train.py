@@ -72,7 +72,9 @@ def load_source(spec: str, cfg: TrainConfig, workdir: Path, *, train_only: bool 
     split.csv (resuming), else a new lesion-grouped, class-stratified split is made.
     """
     name, _, _ = parse_source(spec)
-    records, labels, _, origin = load_labelled(spec, cfg.task)
+    records, labels, _, origin, skipped = load_labelled(spec, cfg.task)
+    for note in skipped:
+        print(f"{name}: {note}")
     split_path = workdir / "split.csv"
     if train_only:
         assignment = np.full(len(records), "train")
@@ -104,7 +106,7 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
     sources += [load_source(spec, cfg, workdir, train_only=True) for spec in cfg.extra_train]
     classes = TASKS[cfg.task]
     held_out = [r for s in sources for r, a in zip(s.records, s.assignment) if a == "val"]
-    held_out += [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task)[0]]
+    held_out += [r for spec in cfg.external_eval for r in load_labelled(spec, cfg.task).records]
     unique = [not_in(s.records, held_out) | (s.assignment != "train") for s in sources]
     dropped = sum(int(((~k) & (s.assignment == "train")).sum()) for s, k in zip(sources, unique))
     keeps = [k & (lesion_sample(s.records, cfg.train_fraction, cfg.split_seed) | (s.assignment != "train"))
