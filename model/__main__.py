@@ -64,8 +64,15 @@ def cmd_benchmark(args):
 
 def cmd_predict(args):
     from .predict import predict_files
-    failures = predict_files(args.checkpoint, args.inputs, args.out, tta=args.tta)
-    print(f"wrote {args.out}" + (f" ({failures} file(s) could not be read: see the error column)" if failures else ""))
+    s = predict_files(args.checkpoint, args.inputs, args.out, tta=args.tta)
+    counts = ", ".join(f"{c} {n}" for c, n in s["predicted"].most_common()) or "none"
+    lines = [f"{s['n']} images predicted: {counts}",
+             f"  unusual (unlike the lesions the model knows; their probabilities mean little): {s['unusual']}"]
+    if s["threshold"] is not None:
+        lines.append(f"  at or above the sensitive threshold {s['threshold']:.3f} and not unusual: {s['flagged']}")
+    if s["failures"]:
+        lines.append(f"  could not be read: {s['failures']} (see the error column)")
+    print("\n".join(lines + [f"wrote {args.out}"]))
 
 
 def cmd_loso(args):
@@ -348,10 +355,13 @@ def parser() -> argparse.ArgumentParser:
                    help="labelled source, optionally NAME=PATH and a :split suffix (e.g. bcn=split.csv:val)")
     p.set_defaults(run=cmd_audit)
 
-    p = sub.add_parser("predict", help="class probabilities for images or folders -> CSV")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    p = sub.add_parser("predict", help="class probabilities for images or folders -> CSV, with the unusual-image "
+                                       "check and the sensitive threshold per image")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or a training workdir), e.g. "
+                                                       "checkpoints/default")
+    p.add_argument("--out", required=True, help="CSV to write: one row per image")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the 8 dihedral views (default: as the checkpoint was validated)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.set_defaults(run=cmd_predict)
 

@@ -1,9 +1,12 @@
 """`python -m model predict --checkpoint DIR --out preds.csv IMAGE_OR_FOLDER...`
 
 One CSV row per image: path, predicted class, malignant probability, one probability column per class,
-and an `error` column; files that cannot be read get their reason there, the rest are still predicted.
+whether the image is unlike the lesions the model knows (`unusual`, `unusual_because`: then the
+probabilities mean little), whether its malignant probability reaches the checkpoint's sensitive threshold,
+and an `error` column: files that cannot be read get their reason there, the rest are still predicted.
 """
 import csv
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from .errors import UserError
 from .predictor import Predictor
 
 BATCH = 64
+GATE_COLUMNS = ["unusual", "unusual_because", "above_sensitive_threshold"]
 
 
 def expand_inputs(inputs) -> list[Path]:
@@ -42,24 +46,40 @@ def probability_row(classes, probs: np.ndarray) -> list[str]:
     return [classes[int(probs.argmax())], f"{malignant:.6f}", *[f"{v:.6f}" for v in probs]]
 
 
-def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None) -> int:
-    """Returns the number of files that could not be read."""
+def gate_row(unusual: bool, because, malignant: float, threshold: float | None) -> list[str]:
+    """The `GATE_COLUMNS` of one image; the threshold column is empty for an uncalibrated checkpoint."""
+    above = "" if threshold is None else str(malignant >= threshold).lower()
+    return [str(bool(unusual)).lower(), " ".join(because), above]
+
+
+def predict_files(checkpoint: str, inputs, out: str, *, tta: bool | None = None) -> dict:
+    """Writes the CSV; returns a summary: n read, failures, predictions per class, unusual, flagged."""
     predictor = Predictor.load(checkpoint)
     paths = expand_inputs(inputs)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    threshold = predictor.operating_threshold
+    columns = probability_columns(predictor.classes) + GATE_COLUMNS
+    summary = {"n": 0, "failures": 0, "predicted": Counter(), "unusual": 0, "flagged": 0, "threshold": threshold}
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *probability_columns(predictor.classes), "error"])
+        writer.writerow(["path", *columns, "error"])
         for start in range(0, len(paths), BATCH):
             chunk = paths[start:start + BATCH]
             images, errors = load_squares(chunk, predictor.image_size, predictor.resize)
-            probs = predictor.predict(images, tta) if len(images) else np.zeros((0, len(predictor.classes)))
-            rows = iter(probs)
+            results = predictor.analyse(images, tta=tta) if len(images) else None
+            row = 0
             for path in chunk:
                 if path in errors:
-                    failures += 1
-                    writer.writerow([path, *[""] * len(probability_columns(predictor.classes)), errors[path]])
-                else:
-                    writer.writerow([path, *probability_row(predictor.classes, next(rows)), ""])
-    return failures
+                    summary["failures"] += 1
+                    writer.writerow([path, *[""] * len(columns), errors[path]])
+                    continue
+                probs, malignant = results["probs"][row], float(results["malignant"][row])
+                unusual = bool(results["unusual"][row])
+                writer.writerow([path, *probability_row(predictor.classes, probs),
+                                 *gate_row(unusual, results["unusual_because"][row], malignant, threshold), ""])
+                summary["n"] += 1
+                summary["predicted"][predictor.classes[int(probs.argmax())]] += 1
+                summary["unusual"] += unusual
+                summary["flagged"] += threshold is not None and malignant >= threshold and not unusual
+                row += 1
+    return summary

@@ -264,10 +264,10 @@ class Predictor:
         """True where the image fails any of `unusual_checks`."""
         return np.logical_or.reduce(list(checks.values()))
 
-    def analyse(self, images, people=None) -> dict:
+    def analyse(self, images, people=None, tta: bool | None = None) -> dict:
         """Everything the app shows for a batch: probabilities, malignancy, OOD score, the unusual-image flag and
         the checks each image failed (`unusual_checks`' names), entropy."""
-        logits, pooled = self.forward_arrays(self.prepare(images))
+        logits, pooled = self.forward_arrays(self.prepare(images), tta)
         return self._summary(logits, pooled, people)
 
     def analyse_and_explain(self, images, people=None) -> dict:

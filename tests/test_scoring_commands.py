@@ -1,5 +1,7 @@
-"""`python -m model evaluate` with the bundled checkpoint on small sets written to disk: what it skips is
-reported (or refused with --strict), and a 7-class model scores malignant-vs-benign folders."""
+"""`python -m model evaluate` and `predict` with the bundled checkpoint on small sets written to disk: what
+evaluate skips is reported (or refused with --strict), a 7-class model scores malignant-vs-benign folders, and
+predict says per image whether it is unusual and above the sensitive threshold."""
+import csv
 import json
 import subprocess
 import sys
@@ -19,10 +21,13 @@ def bundled_checkpoint():
         pytest.skip("checkpoints/default is not bundled in this checkout")
 
 
+def run_model(command, *args):
+    return subprocess.run([sys.executable, "-m", "model", command, "--checkpoint", str(DEFAULT), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 def evaluate(*args):
-    return subprocess.run([sys.executable, "-m", "model", "evaluate", "--checkpoint", str(DEFAULT),
-                           "--bootstrap", "20", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return run_model("evaluate", "--bootstrap", "20", *args)
 
 
 @pytest.fixture
@@ -80,3 +85,32 @@ def test_seven_class_model_scores_cancer_folders_by_malignancy(tmp_path, write_i
     assert "at the sensitive threshold" in done.stdout and "malignant AUC" in done.stdout
     header = (out / "predictions.csv").read_text().splitlines()[0]
     assert header == "path,label,prediction,malignant_probability,benign,malignant"
+
+
+def test_predict_writes_the_gate_and_threshold_per_image_and_a_summary(tmp_path, write_image):
+    from PIL import Image, ImageDraw
+    for i, dx in enumerate(["mel", "nv", "bkl"]):
+        write_image(tmp_path / "in" / f"lesion_{i}.jpg", dx, seed=i, size=(320, 240))
+    page = Image.new("RGB", (400, 300), "white")
+    for row in range(12):
+        ImageDraw.Draw(page).text((10, 10 + 22 * row), "Minutes of the meeting, item %d: budget" % row, fill="black")
+    page.save(tmp_path / "in" / "textpage.png")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    done = run_model("predict", "--out", out, tmp_path / "in")
+    assert done.returncode == 0, done.stderr
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert {"unusual", "unusual_because", "above_sensitive_threshold", "error"} <= set(rows[0])
+    read = [r for r in rows if not r["error"]]
+    assert len(read) == 4 and len(rows) == 5
+    threshold = checkpoint.read_metadata(DEFAULT)["operating_point"]["threshold"]
+    for r in read:
+        assert r["unusual"] in ("true", "false")
+        assert (r["unusual"] == "true") == bool(r["unusual_because"])
+        assert r["above_sensitive_threshold"] == str(float(r["malignant_probability"]) >= threshold).lower()
+    unusual = sum(r["unusual"] == "true" for r in read)
+    flagged = sum(r["unusual"] == "false" and r["above_sensitive_threshold"] == "true" for r in read)
+    assert "4 images predicted" in done.stdout
+    assert f"unusual (unlike the lesions the model knows; their probabilities mean little): {unusual}" in done.stdout
+    assert f"and not unusual: {flagged}" in done.stdout and "could not be read: 1" in done.stdout
