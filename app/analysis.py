@@ -119,7 +119,8 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
     case = ctx.store.add_case(
         image, predictions={c: float(v) for c, v in zip(p.classes, result.probs)},
         malignant_probability=result.malignant, checkpoint_id=p.checkpoint_id, user=user,
-        filename=filename, note=note, unusual=result.unusual, ood_score=result.ood_score)
+        filename=filename, note=note, unusual=result.unusual, ood_score=result.ood_score,
+        unusual_because=result.unusual_because)
     remember_files(ctx, case.id, png, path)   # the upload too: Gradio's copy in its temp folder
     return case, result, png
 
@@ -131,19 +132,24 @@ def _strip_path(message: str, path) -> str:
 
 def classify_api(ctx: Services, path, user: str = "", note: str = ""):
     """One file in -> ({class name: probability}, overlay png of the top class, summary). Stored
-    in history. The summary: case_id (for /compare), malignant_probability,
-    above_sensitive_threshold (None when the checkpoint has no threshold), unusual (the image
-    does not look like a lesion: treat the probabilities as meaningless), unusual_because (the
-    checks it failed: far_from_lesions, unlike_a_lesion, near_uniform), ood_score (the distance
-    check's score), checkpoint_id."""
+    in history. The summary: case_id (for /compare), status (`Case.status`: analysed, or held back
+    because the image does not look like a lesion), malignant_probability, above_sensitive_threshold
+    (None when the checkpoint has no threshold), unusual, unusual_because (the checks it failed:
+    far_from_lesions, unlike_a_lesion, near_uniform), ood_score (the distance check's score),
+    checkpoint_id. A held-back case gets no probabilities, malignancy or overlay, as in the chat."""
     if not path:
         raise UserError("no file received: send one image file (JPEG or PNG).")
     case, result, png = classify_path(ctx, path, user=user, note=note or "")
     p = ctx.predictor
     threshold = p.operating_threshold
-    summary = {"case_id": case.id, "malignant_probability": round(result.malignant, 6),
-               "above_sensitive_threshold": None if threshold is None else bool(result.malignant >= threshold),
+    shown = not case.held_back
+    summary = {"case_id": case.id, "status": case.status,
+               "malignant_probability": round(result.malignant, 6) if shown else None,
+               "above_sensitive_threshold": None if threshold is None or not shown
+               else bool(result.malignant >= threshold),
                "unusual": result.unusual, "unusual_because": list(result.unusual_because),
                "ood_score": round(result.ood_score, 6),
                "checkpoint_id": p.checkpoint_id}
+    if not shown:
+        return {}, None, summary
     return {n: round(float(v), 6) for n, v in zip(p.class_names, result.probs)}, png, summary

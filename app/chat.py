@@ -224,6 +224,10 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
     if case is None:
         return [text_message("There is no current case: drop an image first, or open one "
                              "from the History tab.")]
+    if case.held_back and cmd.kind != "anyway":
+        return [text_message(f"Case #{case.id} is {case.status}, so I am not explaining a diagnosis for it. "
+                             "If it really is a close-up of one skin lesion, type `analyse anyway` first; "
+                             "otherwise drop a dermoscopy image of one lesion.")]
     image = case.load_image()
     prepared = p.prepare([image])
     method = cmd.method or p.default_method
@@ -234,9 +238,11 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
     label = METHOD_LABELS.get(method, method)
     png = write_png(ctx, over, f"{method}-{p.classes[ci]}-case{case.id}", case.id)
     if cmd.kind == "anyway":   # the full reply held back for an unusual image (or shown again)
+        if case.held_back:
+            ctx.store.mark_analysed_anyway(case.id, user=user)   # the case's status says so from now on
         probs = np.array([case.predictions.get(c, 0.0) for c in p.classes])
         entropy = float(p.normalised_entropy(probs[None])[0])
-        warnings = uncertainty_warnings(probs, entropy, p.class_names, case.unusual)
+        warnings = uncertainty_warnings(probs, entropy, p.class_names, case.unusual, case.unusual_because)
         same_model = case.checkpoint_id == p.checkpoint_id
         if not same_model:
             warnings.append(f"This case was analysed by another checkpoint (`{case.checkpoint_id}`); "
@@ -255,7 +261,8 @@ def follow_up(ctx: Services, text: str, state: dict, user: str) -> list[dict]:
                    "in the image speaks *for* it; weak or scattered heat means little evidence.")
     else:
         msg = f"{label} for **{name}** ({prob:.1%}) on case #{case.id}."
-    return [text_message(f"{msg} {HEATMAP_LEGEND}"), image_message(png, f"{label} overlay for {name}")]
+    caution = f" ⚠️ Case #{case.id} was {case.status}: treat this map with caution." if case.unusual else ""
+    return [text_message(f"{msg} {HEATMAP_LEGEND}{caution}"), image_message(png, f"{label} overlay for {name}")]
 
 
 def open_case_in_chat(ctx: Services, case_id, history, user: str):
@@ -265,18 +272,21 @@ def open_case_in_chat(ctx: Services, case_id, history, user: str):
     if case is None:
         history.append(text_message("That case no longer exists (it may have been deleted)."))
         return history, {}
+    history.append(text_message(f"Opened case #{case.id} from history.", "user"))
+    if case.held_back:   # as when it was sent: the reasons, no diagnosis, `analyse anyway` to see it
+        history.append(text_message(unusual_markdown(case, case.unusual_because)))
+        return history, {"case_id": case.id}
     p = ctx.predictor
     image = case.load_image()
     ci = p.classes.index(case.top_class)
     over, _ = overlay(ctx, image, p.prepare([image])[0], None, ci)
     png = write_png(ctx, over, f"{p.default_method}-case{case.id}", case.id)
-    history.append(text_message(f"Opened case #{case.id} from history.", "user"))
     same_model = case.checkpoint_id == p.checkpoint_id
     warnings = [] if same_model else ["This case was analysed by another checkpoint "
                                       f"(`{case.checkpoint_id}`); the heatmap is from the "
                                       "current one."]
     if case.unusual:
-        warnings.insert(0, "When stored, this image was flagged as unlike the training images.")
+        warnings.insert(0, f"This case was {case.status}.")
     # The stored probabilities came from this checkpoint and this note: say what it used.
     clinical = clinical_line(p, parse_clinical(case.note)) if same_model else None
     history.append(text_message(report_markdown(p, case, warnings, clinical)))

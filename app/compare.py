@@ -20,7 +20,8 @@ COMPARE_METHODS = ("gradcam", "layercam", "gradcam_fused", "hirescam", "integrat
 def case_label(case) -> str:
     note = f" · {case.note[:30]}" if case.note else ""
     name = f" · {case.filename[:30]}" if case.filename else ""
-    return f"#{case.id} · {case.created[:16].replace('T', ' ')} · {case.top_class}{name}{note}"
+    what = "held back (unlike a lesion)" if case.held_back else case.top_class
+    return f"#{case.id} · {case.created[:16].replace('T', ' ')} · {what}{name}{note}"
 
 
 def case_choices(ctx: Services, user: str, limit: int = 300) -> list[tuple[str, int]]:
@@ -40,6 +41,10 @@ def compare_compute(ctx: Services, case_id, mode: str, methods, class_codes, use
     case = ctx.store.get_case(case_id, user=user)
     if case is None:
         raise UserError(f"case #{case_id} no longer exists; pick another one.")
+    if case.held_back:
+        raise UserError(f"case #{case.id} is {case.status}: its maps would explain a diagnosis that means "
+                        "nothing. If it really is one skin lesion, open it in the chat (History tab) and type "
+                        "`analyse anyway` first.")
     p = ctx.predictor
     image = case.load_image()
     prepared = p.prepare([image])[0]

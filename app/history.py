@@ -61,12 +61,14 @@ def history_table(ctx: Services, cases) -> list[list]:
     names = dict(zip(ctx.predictor.classes, ctx.predictor.class_names))
     rows = []
     for c in cases:
-        flag = "unusual image" if c.unusual else ""
-        rows.append([c.id, c.created[:16].replace("T", " "),   # to the minute: fits 2 lines
-                     shorten(c.filename, FILE_CHARS, keep_end=12), shorten(c.note, NOTE_CHARS),
-                     names.get(c.top_class, c.top_class),
-                     f"{c.predictions.get(c.top_class, 0):.0%}",
-                     f"{c.malignant_probability:.0%}", flag])
+        when, file, note = c.created[:16].replace("T", " "), shorten(c.filename, FILE_CHARS, keep_end=12), \
+            shorten(c.note, NOTE_CHARS)   # the date to the minute: fits 2 lines
+        if c.held_back:   # no probabilities in any view until its owner asks for them
+            rows.append([c.id, when, file, note, "held back", "", "", c.status])
+            continue
+        rows.append([c.id, when, file, note, names.get(c.top_class, c.top_class),
+                     f"{c.predictions.get(c.top_class, 0):.0%}", f"{c.malignant_probability:.0%}",
+                     c.status if c.unusual else ""])
     return rows
 
 
@@ -78,10 +80,12 @@ def case_details(ctx: Services, case_id, user: str):
     names = dict(zip(ctx.predictor.classes, ctx.predictor.class_names))
     ranked = sorted(case.predictions.items(), key=lambda kv: -kv[1])[:3]
     top3 = ", ".join(f"{names.get(k, k)} {v:.0%}" for k, v in ranked)
+    result = (f"⚠️ {case.status.capitalize()}. Open it in the chat and type `analyse anyway` to see the result."
+              if case.held_back else f"Top 3: {top3} · malignant {case.malignant_probability:.0%}"
+              + (f"\n\n⚠️ {case.status.capitalize()}." if case.unusual else ""))
     md = (f"**Case #{case.id}** · {case.created[:19].replace('T', ' ')} UTC\n\n"
           f"File: {md_escape(case.filename) or '–'} · Note: {md_escape(case.note) or '–'}\n\n"
-          f"Top 3: {top3} · malignant {case.malignant_probability:.0%}\n\n"
-          f"Checkpoint: `{case.checkpoint_id}`")
+          f"{result}\n\nCheckpoint: `{case.checkpoint_id}`")
     with Image.open(case.thumb_path) as thumb:   # pixels, not a path: the store may live
         return thumb.convert("RGB"), md          # outside the folders Gradio may serve
 

@@ -41,7 +41,7 @@ from model.errors import UserError
 
 log = logging.getLogger("lesionlens")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: unusual_because, analysed_anyway
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 THUMB_SIDE = 128  # px, longest side: enough for a history table row
@@ -67,7 +67,9 @@ CREATE TABLE IF NOT EXISTS cases (
     malignant_probability REAL NOT NULL,
     checkpoint_id         TEXT NOT NULL DEFAULT '',
     unusual               INTEGER NOT NULL DEFAULT 0,
-    ood_score             REAL
+    ood_score             REAL,
+    unusual_because       TEXT NOT NULL DEFAULT '',  -- the unusual-image checks it failed, space-separated
+    analysed_anyway       TEXT NOT NULL DEFAULT ''   -- when its owner asked for the held-back result
 );
 CREATE INDEX IF NOT EXISTS cases_user_created ON cases(user, created);
 CREATE INDEX IF NOT EXISTS cases_sha ON cases(image_sha256);
@@ -77,8 +79,12 @@ CREATE INDEX IF NOT EXISTS cases_sha ON cases(image_sha256);
 # (`=HYPERLINK(...)` in a note, an upload named `=1+1.jpg`): such text gets a leading quote.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
-CSV_FIELDS = ["id", "user", "created", "filename", "note", "top_class", "malignant_probability",
-              "unusual", "ood_score", "checkpoint_id", "image_sha256", "image"]
+# Columns a schema-1 database lacks, added in place when the store opens it.
+_ADDED_COLUMNS = {"unusual_because": "TEXT NOT NULL DEFAULT ''", "analysed_anyway": "TEXT NOT NULL DEFAULT ''"}
+
+CSV_FIELDS = ["id", "user", "created", "filename", "note", "status", "top_class", "malignant_probability",
+              "unusual", "unusual_because", "analysed_anyway", "ood_score", "checkpoint_id", "image_sha256", "image"]
+HELD_BACK = "held back: unlike a dermoscopic lesion"
 
 
 class NotStored(UserError):
@@ -123,6 +129,21 @@ class Case:
     ood_score: float | None
     image_path: Path
     thumb_path: Path
+    unusual_because: tuple[str, ...] = ()
+    analysed_anyway: str = ""        # when the owner asked for the held-back result; '' if never
+
+    @property
+    def held_back(self) -> bool:
+        """Unusual, and its owner never asked for the result anyway: no view shows its probabilities."""
+        return self.unusual and not self.analysed_anyway
+
+    @property
+    def status(self) -> str:
+        """One line every view of the case uses: held back (and why), analysed anyway, or analysed."""
+        why = f" ({', '.join(name.replace('_', ' ') for name in self.unusual_because)})" if self.unusual_because else ""
+        if self.held_back:
+            return HELD_BACK + why
+        return f"analysed anyway, although unlike a dermoscopic lesion{why}" if self.unusual else "analysed"
 
     def load_image(self) -> Image.Image:
         """The stored RGB image (what the model saw before its square resize)."""
@@ -215,6 +236,10 @@ class CaseStore:
                 raise RuntimeError(f"{self.db_path} was written by a newer lesionlens "
                                    f"(schema {version} > {SCHEMA_VERSION}); upgrade the app")
             con.executescript(_SCHEMA)
+            present = {row["name"] for row in con.execute("PRAGMA table_info(cases)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    con.execute(f"ALTER TABLE cases ADD COLUMN {column} {kind}")
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ---------------------------------------------------------------- plumbing
@@ -259,7 +284,8 @@ class CaseStore:
                     malignant_probability=float(row["malignant_probability"]),
                     checkpoint_id=row["checkpoint_id"], unusual=bool(row["unusual"]),
                     ood_score=row["ood_score"], image_path=self.image_path(sha),
-                    thumb_path=self.thumb_path(sha))
+                    thumb_path=self.thumb_path(sha), unusual_because=tuple(row["unusual_because"].split()),
+                    analysed_anyway=row["analysed_anyway"])
 
     # ---------------------------------------------------------------- writes
     def check_room(self, user: str = "") -> None:
@@ -275,7 +301,7 @@ class CaseStore:
     def add_case(self, image: Image.Image, *, predictions: dict[str, float],
                  malignant_probability: float, checkpoint_id: str = "", user: str = "",
                  filename: str = "", note: str = "", top_class: str | None = None,
-                 unusual: bool = False, ood_score: float | None = None) -> Case:
+                 unusual: bool = False, ood_score: float | None = None, unusual_because=()) -> Case:
         """Store one analysed image; returns the new Case. The image file lands before the row.
         NotStored (nothing written) for a note over MAX_NOTE_CHARS or a full history."""
         if not predictions:
@@ -303,11 +329,12 @@ class CaseStore:
                                 "VALUES (?, ?, ?, ?)", (sha, image.width, image.height, utc_now()))
                     cur = con.execute(
                         "INSERT INTO cases(user, created, image_sha256, filename, note, predictions,"
-                        " top_class, malignant_probability, checkpoint_id, unusual, ood_score)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " top_class, malignant_probability, checkpoint_id, unusual, ood_score, unusual_because)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (user or "", utc_now(), sha, filename or "", note or "", json.dumps(preds),
                          top_class, float(malignant_probability), checkpoint_id or "",
-                         int(bool(unusual)), None if ood_score is None else float(ood_score)))
+                         int(bool(unusual)), None if ood_score is None else float(ood_score),
+                         " ".join(unusual_because) if unusual else ""))
                     case_id = cur.lastrowid
                     con.execute("COMMIT")
                 except BaseException:
@@ -315,6 +342,15 @@ class CaseStore:
                     raise
                 row = con.execute("SELECT * FROM cases WHERE id=?", (case_id,)).fetchone()
         return self._row_to_case(row)
+
+    def mark_analysed_anyway(self, case_id: int, user: str | None = None) -> bool:
+        """Record that the case's owner asked for the result of an unusual image (the first time counts)."""
+        with storage_errors("save the request", self.root), self._connect() as con:
+            sql, args = "UPDATE cases SET analysed_anyway=? WHERE id=? AND analysed_anyway=''", [utc_now(), case_id]
+            if user is not None:
+                sql += " AND user=?"
+                args.append(user)
+            return con.execute(sql, args).rowcount > 0
 
     def update_note(self, case_id: int, note: str, user: str | None = None) -> bool:
         check_note(note)
@@ -425,12 +461,15 @@ class CaseStore:
         w = csv.writer(buf)
         w.writerow(CSV_FIELDS + [f"p_{k}" for k in classes])
         for c in cases:
-            # Text is neutralised; the numbers are ours (a negative score stays a number).
-            w.writerow([c.id, csv_safe(c.user), c.created, csv_safe(c.filename), csv_safe(c.note),
-                        csv_safe(c.top_class), f"{c.malignant_probability:.6f}", int(c.unusual),
+            # Text is neutralised; the numbers are ours (a negative score stays a number). A held-back
+            # case's probabilities stay in the store, out of the export, as out of every other view.
+            shown = not c.held_back
+            w.writerow([c.id, csv_safe(c.user), c.created, csv_safe(c.filename), csv_safe(c.note), c.status,
+                        csv_safe(c.top_class) if shown else "", f"{c.malignant_probability:.6f}" if shown else "",
+                        int(c.unusual), " ".join(c.unusual_because), c.analysed_anyway,
                         "" if c.ood_score is None else f"{c.ood_score:.6f}", csv_safe(c.checkpoint_id),
                         c.image_sha256, f"images/{c.image_sha256}.png"]
-                       + [f"{c.predictions[k]:.6f}" if k in c.predictions else "" for k in classes])
+                       + [f"{c.predictions[k]:.6f}" if shown and k in c.predictions else "" for k in classes])
         return buf.getvalue()
 
     def export_csv(self, path: str | os.PathLike, cases: list[Case] | None = None,

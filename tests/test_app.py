@@ -309,6 +309,8 @@ def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path
     assert case.unusual and case.filename == "sky.png" and case.note == "holiday photo"
     assert f"**Case #{case.id}**" in reply and ctx.store.count() == 2
 
+    held_back_everywhere(ctx, case, p)
+
     history, state = _chat(ctx, "analyse anyway", history=history, state=state)
     shown = _assistant_texts(history)[-1]
     assert shown.startswith("⚠️ **This image does not look like")   # the warning still leads
@@ -316,6 +318,42 @@ def test_non_lesion_image_leads_with_that_and_holds_the_table_back(ctx, tmp_path
     top = p.class_names[p.classes.index(case.top_class)]
     assert top in shown and len(_assistant_images(history)) == 1
     assert ctx.store.count() == 2                                 # the follow-up added nothing
+    case = ctx.store.get_case(case.id)                            # the request is recorded with the case
+    assert case.analysed_anyway and not case.held_back and case.status.startswith("analysed anyway")
+    from app.history import history_table
+    row = next(r for r in history_table(ctx, ctx.store.list_cases()) if r[0] == case.id)
+    assert row[4] == top and row[7].startswith("analysed anyway")
+    history, _ = _chat(ctx, "explain melanoma", history=history, state=state)
+    assert "treat this map with caution" in _assistant_texts(history)[-1]
+
+
+def held_back_everywhere(ctx, case, p):
+    """Every view of a held-back case says so and shows no diagnosis: History (table, details, CSV export),
+    Compare (list and compute), the case reopened in the chat, follow-ups."""
+    import csv as csv_module
+
+    from app import compare
+    from app.chat import open_case_in_chat
+    from app.history import case_details, export_history, history_table
+    from model.errors import UserError
+    row = next(r for r in history_table(ctx, ctx.store.list_cases()) if r[0] == case.id)
+    assert row[4:7] == ["held back", "", ""] and row[7].startswith("held back: unlike a dermoscopic lesion")
+    _, details = case_details(ctx, case.id, "")
+    assert "Held back" in details and "Top 3" not in details and "analyse anyway" in details
+    label = dict((i, l) for l, i in compare.case_choices(ctx, ""))[case.id]
+    assert "held back" in label and case.top_class not in label
+    with pytest.raises(UserError, match="held back"):
+        compare.compare_compute(ctx, case.id, "methods", ["gradcam"], [], "")
+    reopened, state = open_case_in_chat(ctx, case.id, [], "")
+    assert "not showing a diagnosis" in _assistant_texts(reopened)[-1] and _assistant_images(reopened) == []
+    for follow in ("explain melanoma", "why not nv", "show layercam"):
+        history, _ = _chat(ctx, follow, history=reopened, state=state)
+        assert "held back" in _assistant_texts(history)[-1] and len(_assistant_images(history)) == 0
+    with open(export_history(ctx, "csv", ctx.store.list_cases()), newline="") as f:
+        exported = next(r for r in csv_module.DictReader(f) if r["id"] == str(case.id))
+    assert exported["status"].startswith("held back") and exported["top_class"] == ""
+    assert exported["malignant_probability"] == "" and all(exported[f"p_{c}"] == "" for c in p.classes)
+    assert exported["unusual_because"] == "far_from_lesions" and exported["analysed_anyway"] == ""
 
 
 def test_bad_inputs_get_clear_replies_and_nothing_is_stored(ctx, tmp_path):
@@ -399,7 +437,8 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
     Image.open(png).verify()
     (case,) = ctx.store.list_cases(user="ana")
-    assert summary == {"case_id": case.id, "malignant_probability": pytest.approx(case.malignant_probability, abs=1e-6),
+    assert summary == {"case_id": case.id, "status": "analysed",
+                       "malignant_probability": pytest.approx(case.malignant_probability, abs=1e-6),
                        "above_sensitive_threshold": None,   # the tiny checkpoint has no threshold
                        "unusual": False, "unusual_because": [], "ood_score": 0.0,
                        "checkpoint_id": ctx.predictor.checkpoint_id}
@@ -831,7 +870,7 @@ def test_api_classify_summary_and_compare_from_gradio_client(tiny_checkpoint, tm
         probs, overlay, summary = ana.predict(handle_file(str(SAMPLE)), api_name="/classify")
         assert len(probs) == 7 and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)  # as before
         assert Image.open(overlay).size == (384, 288)
-        assert set(summary) == {"case_id", "malignant_probability", "above_sensitive_threshold",
+        assert set(summary) == {"case_id", "status", "malignant_probability", "above_sensitive_threshold",
                                 "unusual", "unusual_because", "ood_score", "checkpoint_id"}
         assert summary["above_sensitive_threshold"] is None and summary["unusual"] is False
         assert summary["checkpoint_id"].startswith("tiny@")
@@ -854,6 +893,34 @@ def test_api_classify_summary_and_compare_from_gradio_client(tiny_checkpoint, tm
             bo.predict(summary["case_id"], "methods", ["gradcam"], [], 0.5, api_name="/compare")
         with pytest.raises(Exception, match="not a case number"):
             ana.predict("latest", "methods", ["gradcam"], [], 0.5, api_name="/compare")
+    finally:
+        app.stop()
+
+
+@pytest.mark.slow
+def test_held_back_case_over_the_api(tmp_path):
+    """A checkpoint whose unusual-image gate flags every image: /classify, /history and /compare of the
+    launched app all say the case is held back, and none gives a diagnosis."""
+    from gradio_client import handle_file
+
+    from model import checkpoint
+    path = make_tiny_checkpoint(tmp_path / "gated")
+    meta = checkpoint.read_metadata(path)
+    meta["ood"] = {"neighbours": 1, "reference": checkpoint.pack_array(np.full((1, 16), 0.25)), "threshold": -1.0}
+    checkpoint.update_metadata(path, meta)
+    app = AppProcess(path, tmp_path / "history" / "cases.db", "--auth", "ana:pw-ana", "--no-warmup").wait_ready()
+    try:
+        ana = _client(app, ("ana", "pw-ana"))
+        probs, overlay, summary = ana.predict(handle_file(str(SAMPLE)), api_name="/classify")
+        assert summary["status"].startswith("held back: unlike a dermoscopic lesion (far from lesions")
+        assert summary["unusual"] and summary["malignant_probability"] is None
+        assert summary["above_sensitive_threshold"] is None and overlay is None
+        assert not any(name in str(probs) for name in ("Melanoma", "nevus", "carcinoma"))   # no class at all
+        table, _ = ana.predict("", None, None, None, api_name="/history")
+        (row,) = table["data"]
+        assert row[4] == "held back" and row[5:7] == ["", ""] and row[7].startswith("held back")
+        with pytest.raises(Exception, match="held back"):
+            ana.predict(summary["case_id"], "methods", ["gradcam"], [], 0.5, api_name="/compare")
     finally:
         app.stop()
 

@@ -231,3 +231,28 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
     # still writable after all that
     store.add_case(_image(9), predictions=_preds("nv"), malignant_probability=0.1)
     assert store.check() == []
+
+
+def test_a_schema_1_history_opens_with_the_case_state_columns(tmp_path):
+    """A history written before cases carried why they were held back opens, keeps its cases, and an unusual
+    one of them reads as held back (its owner never asked for the result anyway)."""
+    import sqlite3
+    db = tmp_path / "cases.db"
+    with sqlite3.connect(db) as con:
+        con.executescript("""
+            CREATE TABLE images (sha256 TEXT PRIMARY KEY, width INTEGER NOT NULL, height INTEGER NOT NULL,
+                                 created TEXT NOT NULL);
+            CREATE TABLE cases (id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL DEFAULT '',
+                created TEXT NOT NULL, image_sha256 TEXT NOT NULL REFERENCES images(sha256),
+                filename TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '', predictions TEXT NOT NULL,
+                top_class TEXT NOT NULL, malignant_probability REAL NOT NULL, checkpoint_id TEXT NOT NULL DEFAULT '',
+                unusual INTEGER NOT NULL DEFAULT 0, ood_score REAL);
+            INSERT INTO images VALUES ('ab', 4, 4, '2026-01-01T00:00:00.000000Z');
+            INSERT INTO cases(created, image_sha256, predictions, top_class, malignant_probability, unusual)
+                VALUES ('2026-01-01T00:00:00.000000Z', 'ab', '{"mel": 0.7, "nv": 0.3}', 'mel', 0.7, 1);
+            PRAGMA user_version=1;""")
+    store = CaseStore(db)
+    (case,) = store.list_cases()
+    assert case.unusual and case.held_back and case.unusual_because == () and case.status.startswith("held back")
+    assert store.mark_analysed_anyway(case.id) and not store.get_case(case.id).held_back
+    assert not store.mark_analysed_anyway(case.id)   # the first request is the one recorded
