@@ -176,7 +176,11 @@ def main(argv=None) -> int:
     demo.queue(max_size=64)
     print(f"LesionLens: checkpoint {predictor.checkpoint_id}; history in {store.db_path}"
           + (f"; {len(auth)} user(s) with login" if auth else ""), flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, **launch_kwargs(auth))
+    # quiet: Gradio's own start-up lines suggest `share=True`, a public link this app never makes.
+    demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True,
+                prevent_thread_lock=True, **launch_kwargs(auth))
+    print(f"Open {demo.local_url} in a browser (Ctrl+C stops the app).", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -135,10 +135,10 @@ def parse_command(text: str, classes, class_names) -> Command:
 
 def help_text(classes, class_names) -> str:
     examples = ", ".join(f"`{c}` ({n})" for c, n in zip(classes, class_names))
+    methods = ", ".join(f"`show {METHODS[key][0]}`" for key in METHOD_LABELS)   # every method, by its first phrase
     return (
         "**What you can ask about the current image**\n"
-        "- `show integrated gradients`, `show smoothgrad`, `show occlusion`, `show gradients`, "
-        "`show grad-cam`: the same image explained by another saliency method\n"
+        f"- {methods}: the same image explained by another saliency method\n"
         "- `explain melanoma` (or any class): where the model looks for that class\n"
         "- `why not nevus?`: that class's probability and its heatmap\n"
         "- `analyse anyway`: the full result for an image I held back because it does not look "

@@ -343,7 +343,10 @@ def choose_default(rows: dict) -> tuple[str, str]:
     best = rows[leader]["insertion_minus_deletion"]
     tied = [m for m in qualified if mean(rows[m], "insertion_minus_deletion") >= best["mean"] - best["ci95"]]
     chosen = min(tied, key=lambda m: rows[m]["seconds_per_image"])
-    return chosen, (f"best insertion - deletion among {len(qualified)} qualifying methods "
+    if len(qualified) == 1:
+        return chosen, (f"{chosen} is the only method that passed the randomisation check and beat the centred "
+                        "Gaussian on both mask scores")
+    return chosen, (f"best insertion - deletion among the {len(qualified)} methods that qualify "
                     f"({', '.join(qualified)}); tied within the leader's ({leader}) 95% half-width: "
                     f"{', '.join(tied)}; the cheapest of those")
 

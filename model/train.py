@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .classes import TASKS, malignant_indices
 from .data import load_labelled, parse_source
 from .errors import UserError
-from .images import build_cache, default_cache_dir
+from .images import UnreadableImages, build_cache, default_cache_dir
 from .networks import build
 from .pipeline import balances_classes, epoch_order, global_batches, prefetch
 from .predictor import EVAL_BATCH, Predictor, forward
@@ -53,6 +53,20 @@ def cache_split(records, labels, cfg: TrainConfig) -> Split:
     images = build_cache([r.path for r in records], cfg.image_size, cfg.resize, default_cache_dir(),
                          progress=distributed.is_main())
     return Split(images, np.asarray(labels, np.int32), list(records))
+
+
+def cache_splits(parts, cfg: TrainConfig) -> list[Split]:
+    """`cache_split` of each (records, labels); the unreadable images of all of them named in one error,
+    so a set with bad files in several splits is fixed in one go."""
+    splits, failures = [], []
+    for records, labels in parts:
+        try:
+            splits.append(cache_split(records, labels, cfg))
+        except UnreadableImages as e:
+            failures += e.failures
+    if failures:
+        raise UnreadableImages(failures, sum(len(records) for records, _ in parts))
+    return splits
 
 
 def _covers(split_csv: Path, records) -> bool:
@@ -124,8 +138,7 @@ def prepare_data(cfg: TrainConfig, workdir: Path):
 
     train_records, train_labels, train_sources = gather("train")
     val_records, val_labels, val_sources = gather("val")
-    train = cache_split(train_records, train_labels, cfg)
-    val = cache_split(val_records, val_labels, cfg)
+    train, val = cache_splits([(train_records, train_labels), (val_records, val_labels)], cfg)
     summary = {"source": list(cfg.data), "extra_train": cfg.extra_train, "dropped_duplicates": dropped,
                "task": cfg.task,
                "sources": [source_counts(s, classes, k) for s, k in zip(sources, keeps)],

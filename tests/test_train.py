@@ -735,3 +735,22 @@ def test_a_run_restarted_after_a_kill_overwrites_a_best_step_ahead_of_its_latest
     x = jnp.ones((1, 32, 32, 3))
     fresh.eval()
     np.testing.assert_allclose(model(x), fresh(x), rtol=1e-6)
+
+
+def test_unreadable_images_of_every_split_are_named_in_one_error(tmp_path, write_image):
+    from model.images import UnreadableImages
+    from model.train import prepare_data
+    rows = ["path,dx,split"]
+    for i in range(12):
+        dx, split = ("mel", "nv")[i % 2], "val" if i >= 8 else "train"
+        write_image(tmp_path / f"img{i}.jpg", dx, seed=i)
+        rows.append(f"img{i}.jpg,{dx},{split}")
+    for name, split in (("bad_train.jpg", "train"), ("bad_val.jpg", "val")):
+        (tmp_path / name).write_bytes(b"\xff\xd8 truncated " + name.encode())   # not identical: kept apart
+        rows.append(f"{name},nv,{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = make_config("smoke", data=f"{tmp_path / 'labels.csv'}:train,val", workdir=str(tmp_path / "run"))
+    with pytest.raises(UnreadableImages) as caught:
+        prepare_data(cfg, tmp_path / "run")
+    assert "2 of 14 images could not be read" in str(caught.value)
+    assert "bad_train.jpg" in str(caught.value) and "bad_val.jpg" in str(caught.value)
