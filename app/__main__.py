@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
+import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .store import DEFAULT_MAX_CASES_PER_USER   # the store does not import gradio
@@ -41,14 +44,53 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+TEMP_PREFIX = "lesionlens-"
+OWNER_FILE = "owner.pid"
+UNOWNED_TEMP = re.compile(r"lesionlens-[a-z0-9_]{8}")   # mkdtemp's names, from before the owner file
+
+
 def private_temp_dir() -> Path:
     """This server's temp folder (0700, removed at exit): our overlays and exports, and Gradio's
     copies of uploads and outputs (GRADIO_TEMP_DIR, unless set) instead of the shared, 0755
-    /tmp/gradio. Call before gradio is imported: it reads GRADIO_TEMP_DIR at import."""
-    folder = Path(tempfile.mkdtemp(prefix="lesionlens-"))
+    /tmp/gradio. Call before gradio is imported: it reads GRADIO_TEMP_DIR at import. Its owner file
+    lets a later start tell it from a live server's (`remove_abandoned_temp_dirs`)."""
+    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    (folder / OWNER_FILE).write_text(str(os.getpid()))
     if not os.environ.get("GRADIO_TEMP_DIR"):
         os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")
     return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, someone else's
+        return True
+    return pid > 0
+
+
+def remove_abandoned_temp_dirs(root=None, max_age_s: float = 24 * 3600) -> int:
+    """Remove the temp folders of earlier runs killed before they could clean up (`kill -9`, a power cut):
+    they hold patients' uploads and overlays. A folder is abandoned when its owner file names no live
+    process, or, written before owner files, when untouched for `max_age_s`. Only this user's folders."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            owner = folder / OWNER_FILE
+            if owner.exists():
+                abandoned = not _alive(int(owner.read_text().strip() or 0))
+            else:
+                abandoned = bool(UNOWNED_TEMP.fullmatch(folder.name)) and time.time() - folder.stat().st_mtime > max_age_s
+        except (OSError, ValueError):
+            continue
+        if abandoned:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -166,6 +208,9 @@ def main(argv=None) -> int:
         return 2
     if orphans:
         print(f"Removed {orphans} image file(s) no case refers to (left by a crash).", flush=True)
+    abandoned = remove_abandoned_temp_dirs()
+    if abandoned:
+        print(f"Removed {abandoned} temp folder(s) left by a killed run (uploads and overlays).", flush=True)
     tmp_dir = private_temp_dir()
     from .services import warm_up
     from .ui import build_demo, launch_kwargs

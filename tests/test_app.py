@@ -1026,6 +1026,39 @@ def test_app_files_are_private_and_its_temp_folder_goes_on_sigterm(tiny_checkpoi
 
 
 @pytest.mark.slow
+def test_temp_folder_of_a_killed_run_is_removed_at_the_next_start(tiny_checkpoint, tmp_path):
+    """kill -9 leaves the run's temp folder (uploads, overlays) behind; the next start removes it, and
+    neither a live server's folder nor one that is not ours."""
+    from gradio_client import Client, handle_file
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp), "GRADIO_TEMP_DIR": ""}
+    other = tmp / "lesionlens-xla-cache-keepme"                        # someone else's, by its name
+    other.mkdir()
+    os.utime(other, (0, 0))
+    live = AppProcess(tiny_checkpoint, tmp_path / "data2" / "cases.db", "--no-warmup", env=env).wait_ready()
+    try:
+        before = set(tmp.glob("lesionlens-*"))
+        killed = AppProcess(tiny_checkpoint, tmp_path / "data" / "cases.db", "--no-warmup", env=env).wait_ready()
+        Client(killed.url, verbose=False, download_files=str(tmp_path / "dl")).predict(
+            handle_file(str(SAMPLE)), api_name="/classify")
+        (left,) = set(tmp.glob("lesionlens-*")) - before
+        assert any(p.suffix == ".png" for p in left.rglob("*"))           # patient pictures in it
+        killed.proc.kill()
+        killed.proc.wait()
+        restarted = AppProcess(tiny_checkpoint, tmp_path / "data" / "cases.db", "--no-warmup", env=env).wait_ready()
+        try:
+            assert not left.exists(), restarted.log()
+            assert "Removed 1 temp folder(s) left by a killed run" in restarted.log()
+            assert before <= set(tmp.glob("lesionlens-*"))                    # the live server's, and the other
+            assert len(list(tmp.glob("lesionlens-*"))) == 3
+        finally:
+            restarted.stop()
+    finally:
+        live.stop()
+
+
+@pytest.mark.slow
 def test_app_start_collects_orphans_and_a_broken_data_folder_gets_a_clear_message(
         tiny_checkpoint, tmp_path):
     from gradio_client import Client, handle_file
