@@ -4,13 +4,22 @@
     python -m app --auth-file auth.txt              # one "user:hash" per line; '#' starts a comment
 
 Passwords are kept as salted scrypt hashes (`--auth-file`), or in plain text where they come
-from `--auth`/$LESIONLENS_AUTH. Either way `Authenticator` checks them in constant time and
-`LoginThrottle` stops guessing: after a few failures for one user name, or many from one client
-address, every attempt (the right password too) is answered HTTP 429 for a lock-out that doubles
-with each further failure. Every failure is logged (user and address, never the password).
+from `--auth`/$LESIONLENS_AUTH. Either way `Authenticator` checks them in constant time, in a worker
+thread (scrypt must not stall the server), and `LoginThrottle` stops guessing without handing an attacker
+a way to lock people out:
+
+- a user name and client address together get a few free failures, then HTTP 429 for a lock-out that
+  doubles with each further failure: guessing one account from one place slows to a crawl;
+- a user name across all addresses (guessing from many places), and one address across all user names
+  (trying many accounts), get more free failures before they lock; these two locks do not apply where that
+  user has signed in from that address before, so an attacker elsewhere (or guessing other accounts behind
+  the same clinic NAT) cannot shut a known user out.
+
+Every failure is logged (user and address, never the password).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextvars
 import hashlib
@@ -29,8 +38,9 @@ log = logging.getLogger("lesionlens")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 HASH_PREFIX = "scrypt$"
 
-USER_FREE_FAILURES = 5       # failed logins for one user name before it is locked
-ADDRESS_FREE_FAILURES = 20   # from one address (higher: a proxy or clinic NAT may front many people)
+PAIR_FREE_FAILURES = 5       # failed logins for one user name from one address before that pair is locked
+USER_FREE_FAILURES = 30      # for one user name from anywhere (guessing spread over many addresses)
+ADDRESS_FREE_FAILURES = 20   # from one address for any user (higher: a proxy or clinic NAT fronts many people)
 FIRST_LOCK_S = 2.0           # the first lock-out; each further failure doubles it ...
 MAX_LOCK_S = 900.0           # ... up to 15 minutes
 FORGET_AFTER_S = 3600.0      # failures older than this (since the last one) no longer count
@@ -100,7 +110,20 @@ class LoginThrottle:
     def __init__(self, clock=time.monotonic):
         self._clock = clock
         self._failures: dict[str, _Failures] = {}
+        self._known: dict[tuple[str, str], float] = {}   # (user, address) that signed in -> when
         self._lock = threading.Lock()
+
+    def remember(self, user: str, address: str) -> None:
+        """`user` signed in from `address`: only the pair's own lock applies to it from now on."""
+        with self._lock:
+            self._known[(user, address)] = self._clock()
+            if len(self._known) > MAX_TRACKED:   # the oldest half goes: a guesser cannot add entries
+                for pair in sorted(self._known, key=self._known.get)[: len(self._known) // 2]:
+                    del self._known[pair]
+
+    def known(self, user: str, address: str) -> bool:
+        with self._lock:
+            return (user, address) in self._known
 
     def wait_s(self, *keys: str) -> float:
         """Seconds until all `keys` may try again; 0 when none is locked."""
@@ -194,23 +217,29 @@ class Authenticator:
             ok = verify_password(password, secret)
         return ok and user in self.accounts
 
+    async def check(self, user: str, password: str) -> bool:
+        """Gradio's `auth=`: a coroutine, so its login route awaits it and the scrypt check runs in a worker
+        thread (with this request's context: the client address) instead of on the server's event loop."""
+        return await asyncio.to_thread(self, user, password)
+
     def __call__(self, user: str, password: str) -> bool:
         address = _client_address.get()
-        keys = (f"user:{user}", f"address:{address}")
+        pair, by_user, by_address = f"pair:{user}@{address}", f"user:{user}", f"address:{address}"
+        keys = (pair,) if self.throttle.known(user, address) else (pair, by_user, by_address)
         wait = self.throttle.wait_s(*keys)
         if wait > 0:   # refused unchecked: the right password does not help while locked out
             log.warning("login refused for user %r from %s: locked out for %.0f s more",
                         user, address, wait)
             raise _too_many(wait)
         if self._matches(user, password):
-            self.throttle.succeeded(keys[0])
+            self.throttle.succeeded(pair)
+            self.throttle.remember(user, address)
             return True
-        count, lock = self.throttle.failed(keys[0], USER_FREE_FAILURES)
-        by_address, address_lock = self.throttle.failed(keys[1], ADDRESS_FREE_FAILURES)
-        log.warning("failed login for user %r from %s (%d in a row for this user, %d from this "
-                    "address)%s", user, address, count, by_address,
-                    f"; locked out for {max(lock, address_lock):.0f} s"
-                    if max(lock, address_lock) else "")
+        count, lock = self.throttle.failed(pair, PAIR_FREE_FAILURES)
+        lock = max(lock, self.throttle.failed(by_user, USER_FREE_FAILURES)[1],
+                   self.throttle.failed(by_address, ADDRESS_FREE_FAILURES)[1])
+        log.warning("failed login for user %r from %s (%d in a row for this user from this address)%s",
+                    user, address, count, f"; locked out for {lock:.0f} s" if lock else "")
         return False
 
 

@@ -740,25 +740,55 @@ def test_password_hashes_and_auth_file(tmp_path):
 
 
 def test_login_throttle_locks_out_for_a_growing_time():
-    from app.auth import (ADDRESS_FREE_FAILURES, FIRST_LOCK_S, MAX_LOCK_S, USER_FREE_FAILURES,
-                          LoginThrottle)
+    from app.auth import (ADDRESS_FREE_FAILURES, FIRST_LOCK_S, MAX_LOCK_S, PAIR_FREE_FAILURES, LoginThrottle)
     now = [1000.0]
     throttle = LoginThrottle(clock=lambda: now[0])
-    for i in range(1, USER_FREE_FAILURES):
-        assert throttle.failed("user:ana", USER_FREE_FAILURES) == (i, 0.0)
-        assert throttle.wait_s("user:ana") == 0
+    key = "pair:ana@10.0.0.1"
+    for i in range(1, PAIR_FREE_FAILURES):
+        assert throttle.failed(key, PAIR_FREE_FAILURES) == (i, 0.0)
+        assert throttle.wait_s(key) == 0
     locks = []
     for _ in range(12):
-        now[0] += throttle.wait_s("user:ana")                     # wait out each lock-out
-        locks.append(throttle.failed("user:ana", USER_FREE_FAILURES)[1])
+        now[0] += throttle.wait_s(key)                            # wait out each lock-out
+        locks.append(throttle.failed(key, PAIR_FREE_FAILURES)[1])
     assert locks[:3] == [FIRST_LOCK_S, 2 * FIRST_LOCK_S, 4 * FIRST_LOCK_S]
     assert locks[-1] == MAX_LOCK_S
-    assert throttle.wait_s("user:bo", "user:ana") == MAX_LOCK_S   # any locked key locks
-    throttle.succeeded("user:ana")
-    assert throttle.wait_s("user:ana") == 0
+    assert throttle.wait_s("user:bo", key) == MAX_LOCK_S           # any locked key locks
+    throttle.succeeded(key)
+    assert throttle.wait_s(key) == 0
     for _ in range(ADDRESS_FREE_FAILURES):
         throttle.failed("address:10.0.0.1", ADDRESS_FREE_FAILURES)
     assert throttle.wait_s("address:10.0.0.1") == FIRST_LOCK_S
+    assert not throttle.known("ana", "10.0.0.1")
+    throttle.remember("ana", "10.0.0.1")
+    assert throttle.known("ana", "10.0.0.1") and not throttle.known("ana", "10.0.0.2")
+
+
+def test_an_attacker_cannot_lock_a_known_user_out():
+    """Guessing ana's password from one address locks that address's tries for ana only; ana signs in from
+    another address, and from a NAT address where she signed in before even after a spray of other names."""
+    from app.auth import ADDRESS_FREE_FAILURES, PAIR_FREE_FAILURES, Authenticator, _client_address
+    auth = Authenticator.from_sources([("ana", "pw-ana"), ("bo", "pw-bo")])
+
+    def login(user, password, address):
+        token = _client_address.set(address)
+        try:
+            return auth(user, password)
+        except Exception as e:   # the 429
+            return getattr(e, "status_code", e)
+        finally:
+            _client_address.reset(token)
+
+    assert login("ana", "pw-ana", "10.0.0.9") is True                      # ana's clinic, behind a NAT
+    for i in range(PAIR_FREE_FAILURES):
+        assert login("ana", f"guess-{i}", "6.6.6.6") is False
+    assert login("ana", "guess-x", "6.6.6.6") == 429                        # the attacker slows down
+    assert login("ana", "pw-ana", "6.6.6.6") == 429                         # (the right password too)
+    assert login("ana", "pw-ana", "192.0.2.1") is True                      # ana from another address
+    for i in range(ADDRESS_FREE_FAILURES):                                  # a spray from the NAT
+        login(f"user{i}", "guess", "10.0.0.9")
+    assert login("carl", "guess", "10.0.0.9") == 429                        # new names from it: locked
+    assert login("ana", "pw-ana", "10.0.0.9") is True                       # ana signed in there before
 
 
 # ------------------------------------------------------------------ the real app
@@ -1089,21 +1119,24 @@ def test_app_start_collects_orphans_and_a_broken_data_folder_gets_a_clear_messag
     assert store.count() == 0
 
 
-def _login(app, user: str, password: str) -> tuple[int, dict]:
-    """POST /login as the browser's sign-in form does: (HTTP status, headers in lower case)."""
+def _login(app, user: str, password: str, source: str = "127.0.0.1") -> tuple[int, dict]:
+    """POST /login as the browser's sign-in form does, from the loopback address `source` (all of
+    127.0.0.0/8 reaches the app): (HTTP status, headers in lower case)."""
+    import http.client
     import urllib.parse
-    body = urllib.parse.urlencode({"username": user, "password": password}).encode()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    body = urllib.parse.urlencode({"username": user, "password": password})
+    connection = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30, source_address=(source, 0))
     try:
-        with opener.open(urllib.request.Request(app.url + "login", data=body), timeout=30) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}
+        connection.request("POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
 
 
 @pytest.mark.slow
 def test_login_is_throttled_by_user_and_address_and_logged(tiny_checkpoint, tmp_path):
-    from app.auth import ADDRESS_FREE_FAILURES, USER_FREE_FAILURES, hash_password
+    from app.auth import ADDRESS_FREE_FAILURES, PAIR_FREE_FAILURES, hash_password
     auth_file = tmp_path / "auth.txt"
     auth_file.write_text(f"ana:{hash_password('pw-ana')}\n")
     app = AppProcess(tiny_checkpoint, tmp_path / "data" / "cases.db", "--no-warmup",
@@ -1111,7 +1144,7 @@ def test_login_is_throttled_by_user_and_address_and_logged(tiny_checkpoint, tmp_
                      log_path=tmp_path / "app.log").wait_ready()
     try:
         assert _login(app, "ana", "pw-ana")[0] == 200                 # the hashed password works
-        for i in range(USER_FREE_FAILURES):
+        for i in range(PAIR_FREE_FAILURES):
             assert _login(app, "ana", f"guess-{i}")[0] == 400
         status, headers = _login(app, "ana", "pw-ana")                # right, but locked out
         assert status == 429 and int(headers["retry-after"]) >= 1, headers
@@ -1120,15 +1153,22 @@ def test_login_is_throttled_by_user_and_address_and_logged(tiny_checkpoint, tmp_
         time.sleep(int(headers["retry-after"]) + 0.5)
         assert _login(app, "ana", "pw-ana")[0] == 200                 # the lock-out ends
 
-        # One address guessing many user names is locked out as a whole.
+        # One address guessing many user names is locked out, for names never signed in from it.
         statuses = [_login(app, f"user{i}", "guess")[0]
-                    for i in range(ADDRESS_FREE_FAILURES - USER_FREE_FAILURES)]
+                    for i in range(ADDRESS_FREE_FAILURES - PAIR_FREE_FAILURES)]
         assert statuses == [400] * len(statuses)
-        assert _login(app, "bo", "pw-bo")[0] == 429
+        assert _login(app, "carl", "pw-carl")[0] == 429
+        assert _login(app, "bo", "pw-bo")[0] == 200                    # bo signed in from here before
+
+        # Guessing ana's password from one address does not lock ana out of another.
+        for i in range(PAIR_FREE_FAILURES):
+            assert _login(app, "ana", f"again-{i}", source="127.0.0.2")[0] == 400
+        assert _login(app, "ana", "again-x", source="127.0.0.2")[0] == 429   # the guesser slows down
+        assert _login(app, "ana", "pw-ana", source="127.0.0.3")[0] == 200    # ana, from a clean address
         log = app.log()
     finally:
         app.stop()
     failed = [l for l in log.splitlines() if "failed login for user 'ana' from 127.0.0.1" in l]
-    assert len(failed) == USER_FREE_FAILURES and "locked out for 2 s" in failed[-1]
+    assert len(failed) == PAIR_FREE_FAILURES and "locked out for 2 s" in failed[-1]
     assert "login refused for user 'ana' from 127.0.0.1: locked out" in log
     assert "guess-" not in log and "pw-ana" not in log and "pw-bo" not in log   # no passwords
