@@ -1,11 +1,11 @@
 """Train a skin-lesion classifier.
 
-    python train.py                                   # the default recipe on ../shared/data/ham10000
+    python train.py                                   # the bundled recipe (multisource) on ../shared/data
     python train.py --recipe smoke --data DIR --workdir runs/try
     python train.py --workdir runs/default --resume   # continue an interrupted run
     python train.py --list_recipes                    # the recipes and what each is for
     python train.py --coordinator_address HOST:PORT --num_processes 2 --process_id 0   # on several hosts
-    python train.py --recipe quick --help             # every flag, with quick's values
+    python train.py --recipe smoke --help             # every flag, with smoke's values
 
 Every TrainConfig field is a flag (see --help); the run writes config.json, split.csv, log.jsonl,
 learning_curves.png, latest/ (resume) and best/ (the checkpoint to evaluate and serve) in --workdir.

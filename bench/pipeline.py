@@ -1,7 +1,7 @@
 """Can the input pipeline keep the train step busy? Images/s of each alone, and of the loop with and
 without prefetching, on this machine.
 
-    python bench/pipeline.py                     # recipe `default`'s sizes on a synthetic memmap cache
+    python bench/pipeline.py                     # the bundled recipe's sizes on a synthetic memmap cache
     python bench/pipeline.py --cache ~/.cache/lesionlens/images/KEY_10015x160_squash.npy   # a real cache
     python bench/pipeline.py --recipe smoke --steps 5                                      # a quick look
 
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.config import RECIPES, make_config  # noqa: E402
+from model.config import DEFAULT_RECIPE, RECIPES, make_config  # noqa: E402
 from model.networks import build  # noqa: E402
 from model.pipeline import global_batches, prefetch  # noqa: E402
 from model.train import arch_config, config_train_step  # noqa: E402
@@ -95,7 +95,7 @@ def measure(cache: np.ndarray, cfg, steps: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="sizes, arch and augmentation")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES), help="sizes, arch and augmentation")
     parser.add_argument("--cache", default="", help="an image cache .npy (build_cache's); default: synthetic")
     parser.add_argument("--steps", type=int, default=10, help="batches per measurement")
     args = parser.parse_args(argv)

@@ -34,15 +34,15 @@ def _flag_help(help_text: str) -> dict[str, str]:
 
 
 def test_help_describes_every_flag_with_default_and_choices():
-    done = _train_py("--recipe", "quick", "--help")
+    done = _train_py("--recipe", "multisource", "--help")
     assert done.returncode == 0, done.stderr
     flags = _flag_help(done.stdout)
     for f in dataclasses.fields(TrainConfig):
         text = flags.get(f"--{f.name}", "")
         assert f.metadata["help"].split()[0] in text, (f.name, text)
-        assert "from recipe quick)" in text, (f.name, text)
-    assert "(default: 128, from recipe quick)" in flags["--image_size"]     # the recipe's value
-    assert "(default: inverse, from recipe quick)" in flags["--class_weighting"]
+        assert "from recipe multisource)" in text, (f.name, text)
+    assert "(default: 160, from recipe multisource)" in flags["--image_size"]     # the recipe's value
+    assert "(default: none, from recipe multisource)" in flags["--class_weighting"]
     for flag, choices in {"--task": "ham7, binary", "--resize": "squash, center, fov",
                           "--sampling": "uniform, balanced, sources, sources_balanced, sources_malignancy",
                           "--class_weighting": "none, sqrt, inverse",
@@ -55,9 +55,11 @@ def test_help_describes_every_flag_with_default_and_choices():
 
 
 def test_list_recipes_names_every_recipe_with_its_purpose():
+    from model.config import recipe_of
     done = _train_py("--list_recipes")
     assert done.returncode == 0, done.stderr
-    assert set(RECIPE_PURPOSES) == set(RECIPES)
+    assert set(RECIPE_PURPOSES) == set(RECIPES) and len(RECIPES) <= 3   # one per purpose
+    assert recipe_of([]) == "multisource"                               # a bare `python train.py`: the bundled
     lines = done.stdout.splitlines()
     for name in RECIPES:
         assert any(line.split()[:1] == [name] and RECIPE_PURPOSES[name] in line for line in lines), name
