@@ -1,26 +1,18 @@
-"""Hugging Face Space entry point: the same app as `python -m app`."""
+"""Hugging Face Space entry point: `python -m app` itself, with the Space's settings.
+
+History goes to /data (kept across restarts) when the Space has persistent storage, else it is lost at
+each restart. Users come from $LESIONLENS_AUTH_FILE (a Space secret file; see `python -m app --help`)
+or $LESIONLENS_AUTH. The Space page frames the app, so huggingface.co may frame it.
+"""
 import os
+import sys
 
-if __name__ == "__main__":   # as `python -m app` does: restart once with huge-page malloc (model/runtime.py)
-    from model.runtime import use_huge_pages
-    use_huge_pages()
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from app.__main__ import parse_auth
-from app.services import warm_up
-from app.store import CaseStore
-from app.ui import build_demo, launch_kwargs
-from model.predictor import Predictor
-
-# /data survives restarts when the Space has persistent storage; otherwise history is lost
-# whenever the Space restarts.
-HISTORY = "/data/history/cases.db" if os.path.isdir("/data") else "history/cases.db"
-
-predictor = Predictor.load(os.environ.get("LESIONLENS_CHECKPOINT", "checkpoints/default"))
-warm_up(predictor)
-demo = build_demo(predictor, CaseStore(HISTORY))
-demo.queue(max_size=64)
+from app.__main__ import main
 
 if __name__ == "__main__":
-    demo.launch(server_name="0.0.0.0", **launch_kwargs(parse_auth(os.environ.get("LESIONLENS_AUTH"))))
+    from model.runtime import use_huge_pages
+    use_huge_pages()   # as `python -m app` does: restart once with huge-page malloc (model/runtime.py)
+    history = "/data/history/cases.db" if os.path.isdir("/data") else "history/cases.db"
+    sys.exit(main(["--host", "0.0.0.0", "--port", os.environ.get("PORT", "7860"), "--db", history,
+                   "--checkpoint", os.environ.get("LESIONLENS_CHECKPOINT", "checkpoints/default"),
+                   "--frame-ancestors", "https://huggingface.co", *sys.argv[1:]]))

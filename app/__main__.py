@@ -168,6 +168,9 @@ def main(argv=None) -> int:
                     help="cases each user may keep; 0: no limit (default: %(default)s)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip compiling the model before serving (faster start, slow first reply)")
+    ap.add_argument("--frame-ancestors", default="'none'", metavar="SOURCES",
+                    help="sites that may show the app in a frame, as a CSP source list (default: none may; "
+                         "a Hugging Face Space: https://huggingface.co)")
     args = ap.parse_args(argv)
 
     from .auth import Authenticator, read_auth_file
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
           + (f"; {len(auth)} user(s) with login" if auth else ""), flush=True)
     # quiet: Gradio's own start-up lines suggest `share=True`, a public link this app never makes.
     demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True,
-                prevent_thread_lock=True, **launch_kwargs(auth))
+                prevent_thread_lock=True, **launch_kwargs(auth, args.frame_ancestors))
     print(f"Open {demo.local_url} in a browser (Ctrl+C stops the app).", flush=True)
     demo.block_thread()
     return 0

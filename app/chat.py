@@ -77,14 +77,8 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
         title += f" · _{md_escape(case.note)}_"
     lines.append(title)
     lines.append("")
-    if clinical:
-        lines += [clinical, ""]
-    truth = sample_truth(case)
-    if truth:
-        verdict = ("the model agrees" if truth == case.top_class else
-                   f"**the model is wrong on this one** (it says {names.get(case.top_class, case.top_class)})")
-        lines += [f"Bundled sample with a known diagnosis: **{names.get(truth, truth)}** (`{truth}`): {verdict}. "
-                  "The bundled model never trained on it (see data/samples/ATTRIBUTION.md).", ""]
+    # The verdict (table, malignant share, threshold) comes right after the title, so that it is
+    # what the chat shows first, on a phone too; the notes on it follow.
     lines.append("| | class | probability |")
     lines.append("|---|---|---|")
     for rank, (code, prob) in enumerate(ranked, 1):
@@ -99,6 +93,14 @@ def report_markdown(predictor, case, warnings: list[str], clinical: str | None =
     if point:
         lines += ["", point]
     lines.append("")
+    truth = sample_truth(case)
+    if truth:
+        verdict = ("the model agrees" if truth == case.top_class else
+                   f"**the model is wrong on this one** (it says {names.get(case.top_class, case.top_class)})")
+        lines += [f"Bundled sample with a known diagnosis: **{names.get(truth, truth)}** (`{truth}`): {verdict}. "
+                  "The bundled model never trained on it (see data/samples/ATTRIBUTION.md).", ""]
+    if clinical:
+        lines += [clinical, ""]
     label = METHOD_LABELS.get(predictor.default_method, predictor.default_method)
     lines.append(f"{label} below shows where the model looked for **{names.get(case.top_class)}**. "
                  f"{HEATMAP_LEGEND} Type `help` for more explanations.")

@@ -13,9 +13,6 @@ from model.errors import UserError
 from .commands import METHOD_LABELS
 from .services import Services, blend, display_image, explain, heat_on_display, write_png
 
-COMPARE_METHODS = ("gradcam", "layercam", "gradcam_fused", "hirescam", "integrated_gradients", "smoothgrad",
-                   "occlusion")
-
 
 def case_label(case) -> str:
     note = f" · {case.note[:30]}" if case.note else ""

@@ -32,8 +32,14 @@ def _day(value) -> str | None:
     return text
 
 
+MAX_QUERY_CHARS = 200   # a search term, not a document
+
+
 def history_cases(ctx: Services, user: str, query: str = "", top_class: str | None = None,
                   date_from=None, date_to=None):
+    if len(query or "") > MAX_QUERY_CHARS:
+        raise UserError(f"the search text has {len(query):,} characters; search for a word or part of a file "
+                        f"name (at most {MAX_QUERY_CHARS} characters).")
     return ctx.store.list_cases(user=user, query=query or "", top_class=top_class or None,
                                 date_from=_day(date_from), date_to=_day(date_to))
 

@@ -26,6 +26,7 @@ from . import chat, compare
 from . import history as hist   # `history` is the chat's message list below
 from .analysis import classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
+from .http_guard import HttpGuard
 from .commands import METHOD_LABELS
 from .model_card import model_card_markdown
 from .services import DEFAULT_ALPHA, HEATMAP_LEGEND, SAMPLES, Services, remove_on_exit, user_of
@@ -37,10 +38,33 @@ MODEL = dict(concurrency_id="model", concurrency_limit=1)   # one model call at 
 ANALYSE = dict(concurrency_id="analyse", concurrency_limit=8)
 LIGHT = dict(concurrency_limit=None)                        # store-only: never wait for the model
 
+# After a reply, show its start (the verdict, the table), not its end: the chatbot autoscrolls
+# to the bottom (heat map, caveat) 300 ms after each update, so wait that out first. Then the
+# page shows the whole chat pane (on a phone it starts below the fold).
+SHOW_REPLY_JS = """async () => {
+  await new Promise(done => setTimeout(done, 500));
+  const pane = document.querySelector('#chatbot [role=log]');
+  const texts = [...document.querySelectorAll('#chatbot [data-testid=bot]')]
+    .filter(m => !m.querySelector('img'));
+  const last = texts[texts.length - 1];
+  if (!pane || !last) return;
+  pane.scrollTop += last.getBoundingClientRect().top - pane.getBoundingClientRect().top - 8;
+  document.querySelector('#chatbot').scrollIntoView({block: 'nearest'});
+}"""
+
 CSS = """
 .ll-banner {border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217,119,6,.08);}
 /* Chat: the chatbot's label sits above the messages instead of floating over the first lines. */
 #chatbot label[data-testid="block-label"] {position: static; margin: 0 0 4px 0;}
+/* Chat on a phone: a reply uses the pane's width and smaller type, so that its verdict (title,
+   table, malignant share, threshold) fits in the pane at once, not a word or two a line. */
+@media (max-width: 640px) {
+  #chatbot .message-row.bot-row {max-width: 100%; margin: 12px 0 6px;}
+  #chatbot .bot.message {padding: 4px 8px;}
+  #chatbot [data-testid=bot] :is(p, li, td, th) {font-size: 14px; line-height: 1.4;}
+  #chatbot [data-testid=bot] :is(td, th) {padding: 4px 6px;}
+  #chatbot [data-testid=bot] th {word-break: normal; overflow-wrap: normal;}
+}
 /* History: date pickers fit their column (the calendar button was pushed out and clipped), and
    neither they nor the class dropdown are cut off by their containers. */
 .ll-date .timebox {display: flex; width: 100%;}
@@ -50,15 +74,25 @@ CSS = """
 /* Compare: the case label is long; show it whole where there is room, smaller on a phone. */
 @media (max-width: 640px) {
   #case-dd input {font-size: 13px;}
-  #compare-gallery .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important;}
+  #compare-gallery .grid-container {grid-template-columns: repeat(2, minmax(0, 1fr)) !important;}
 }
+/* Compare: every overlay and its whole caption in view. The gallery grows with its rows (Gradio
+   caps it at 55 % of the window and scrolls inside), and a caption wraps below its picture
+   instead of lying over it, cut off at 80 % of its width. */
+#compare-gallery .grid-wrap {max-height: none; min-height: 0;}
+#compare-gallery .grid-container {grid-auto-rows: auto;}   /* a row as tall as its own captions */
+#compare-gallery .thumbnail-item {aspect-ratio: auto; display: flex; flex-direction: column;}
+#compare-gallery .thumbnail-item img {flex: none; height: auto;}
+#compare-gallery .caption-label {position: static; max-width: none; height: auto;
+  white-space: normal; overflow: visible; text-overflow: clip; text-align: center;}
 /* Model card: wide tables scroll sideways instead of squeezing a column to one letter a line. */
 .ll-model table {display: block; overflow-x: auto; max-width: 100%; width: max-content;
   border: none; padding: 0;}   /* as a block, the table's own frame would box the cells twice */
 .ll-model th, .ll-model td {min-width: 5.5em; word-break: normal; overflow-wrap: normal;}
-.ll-model td code {white-space: nowrap;}
-.ll-model :is(p, li) > code {overflow-wrap: anywhere;}   /* a data path has no space to wrap at */
-.ll-model td:nth-child(n+5) {min-width: 12em;}   /* per-class counts: a few lines, not ten */
+.ll-model code {overflow-wrap: anywhere;}   /* a data path has no space to wrap at */
+/* Per-class counts: a few lines, not ten, where a table scrolls anyway; on a wide screen the
+   benchmark and audit tables (9 and 12 columns) fit with no floor of their own. */
+@media (max-width: 1024px) {.ll-model td:nth-child(n+5) {min-width: 12em;}}
 /* The arrow sits over the input's right end: keep a cut-off label's ellipsis clear of it. */
 #case-dd input {text-overflow: ellipsis; padding-right: 24px; box-sizing: border-box;}
 /* History table: Gradio turns column_widths (percentages of the table) into pixels and copies
@@ -140,6 +174,10 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
            else Services(predictor, store, tmp_dir, **folders))
     remove_on_exit(ctx.tmp_dir)
     names = dict(zip(predictor.classes, predictor.class_names))
+    # Compare ticks the checkpoint's method and one other CAM, so the first run takes seconds on
+    # a CPU; all seven took 40 s (the gradient and occlusion methods are a tick away).
+    first_methods = [predictor.default_method] + [
+        m for m in ("gradcam", "layercam") if m != predictor.default_method][:1]
 
     # ---------------------------------------------------------------- handlers (thin wrappers)
     def chat_add(message, history):
@@ -179,6 +217,11 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         captions = [c for c, _ in state["items"]]
         return (state, gallery, slider, files,
                 gr.Dropdown(choices=captions, value=captions[0] if captions else None))
+
+    @_user_error
+    def compare_api(case_id, mode, methods, classes, alpha, request: gr.Request):
+        state, gallery, slider, files, _ = compare_run(case_id, mode, methods, classes, alpha, request)
+        return gallery, slider, files, (state["items"][0][0] if gallery else None)
 
     @_user_error
     def compare_reblend(state, alpha, pick, request: gr.Request):
@@ -253,8 +296,11 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                     placeholder="Drop lesion images here, add a note… or type help",
                     label="Message", show_label=False, elem_id="chat-input",
                     max_plain_text_length=2000)
+                # A card shows its note (age, site; ISIC 2017 has none), not its diagnosis: that
+                # would be sent as the note. The reply names it.
                 samples = gr.Examples(_samples(), inputs=[chat_input], cache_examples=False, examples_per_page=8,
-                                      label="Held-out samples with known diagnoses (HAM10000, BCN_20000, ISIC 2017)")
+                                      label="Held-out samples (HAM10000, BCN_20000, ISIC 2017): "
+                                            "the reply names each one's known diagnosis")
                 clear = gr.Button("New conversation", size="sm", variant="secondary")
 
             with gr.Tab("Compare", id="compare") as compare_tab:
@@ -276,7 +322,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                                          ("Several classes", "classes")], value="methods",
                                         label="Compare")
                         methods = gr.CheckboxGroup([(v, k) for k, v in METHOD_LABELS.items()],
-                                                   value=list(compare.COMPARE_METHODS), label="Methods")
+                                                   value=first_methods, label="Methods")
                         classes = gr.CheckboxGroup(
                             [(n, c) for c, n in names.items()], label="Classes",
                             info="For “several classes”: heat map of the first ticked method "
@@ -285,7 +331,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                                           label="Overlay opacity (all panels)")
                         run = gr.Button("Compare", variant="primary")
                     with gr.Column(scale=3):
-                        gallery = gr.Gallery(label="Overlays", columns=4, height=300,
+                        gallery = gr.Gallery(label="Overlays", columns=3, height="auto",
                                              object_fit="contain", elem_id="compare-gallery")
                         gr.Markdown(HEATMAP_LEGEND)
                         pick = gr.Dropdown(label="Before / after: which overlay", choices=[])
@@ -336,33 +382,42 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
             with gr.Tab("Model", id="model"):
                 gr.Markdown(model_card_markdown(predictor), elem_classes=["ll-model"])
 
-        # Programmatic endpoint (gradio_client): invisible, callable as api_name="classify".
-        # Outputs: {class name: probability}, the overlay png, and the case summary
-        # (analysis.classify_api); the case id goes on to /compare.
+        # Programmatic endpoints (gradio_client): invisible, callable as api_name="classify" and
+        # "compare". /classify gives {class name: probability}, the overlay png, and the case
+        # summary (analysis.classify_api); its case id goes on to /compare as text. The Compare
+        # tab's own inputs would not do: its case list is filled when the tab opens (empty for
+        # the API, which then lists no valid id), and it returns a dropdown update, not a value.
         with gr.Row(visible=False):
             api_file = gr.File(type="filepath", label="image")
             api_probs = gr.JSON(label="class probabilities")
             api_overlay = gr.Image(type="filepath", label="saliency overlay for the top class")
             api_summary = gr.JSON(label="case summary")
             api_go = gr.Button()
+            api_case = gr.Textbox(label="case id (the case summary's case_id from /classify)")
+            api_shown = gr.Textbox(label="caption of the before / after overlay")
+            api_compare = gr.Button()
 
         # ---------------------------------------------------------------- wiring
         (chat_input.submit(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input],
                            api_name="chat_add", **LIGHT)
          .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state],
                api_name="chat_respond", **ANALYSE)
-         .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
+         .then(unlock, None, chat_input, api_visibility="private", **LIGHT)
+         .then(None, js=SHOW_REPLY_JS))
         # A sample card sends itself: once it has filled the input, the same chain as pressing Enter.
         (samples.load_input_event
          .then(chat_add, [chat_input, chatbot], [chatbot, pending, chat_input], api_visibility="private", **LIGHT)
          .then(chat_respond, [pending, chatbot, chat_state], [chatbot, chat_state], api_visibility="private",
                **ANALYSE)
-         .then(unlock, None, chat_input, api_visibility="private", **LIGHT))
+         .then(unlock, None, chat_input, api_visibility="private", **LIGHT)
+         .then(None, js=SHOW_REPLY_JS))
         clear.click(lambda: ([], {}), None, [chatbot, chat_state], api_visibility="private",
                     **LIGHT)
 
         api_go.click(classify, api_file, [api_probs, api_overlay, api_summary], api_name="classify",
                      **ANALYSE)
+        api_compare.click(compare_api, [api_case, mode, methods, classes, alpha],
+                          [gallery, slider, downloads, api_shown], api_name="compare", **MODEL)
 
         compare_tab.select(refresh_case_list, [case_dd, chat_state], case_dd,
                            api_visibility="private", **LIGHT)
@@ -373,7 +428,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         (run.click(lambda: gr.Button(interactive=False), None, run, api_visibility="private",
                    **LIGHT)
          .then(compare_run, [case_dd, mode, methods, classes, alpha],
-               [compare_state, gallery, slider, downloads, pick], api_name="compare", **MODEL)
+               [compare_state, gallery, slider, downloads, pick], api_visibility="private", **MODEL)
          .then(lambda: gr.Button(interactive=True), None, run, api_visibility="private",
                **LIGHT))
         alpha.release(compare_reblend, [compare_state, alpha, pick], [gallery, slider, downloads],
@@ -408,16 +463,18 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
     return demo
 
 
-def launch_kwargs(auth=None) -> dict:
+def launch_kwargs(auth=None, frame_ancestors: str = "'none'") -> dict:
     """launch() arguments shared by `python -m app`, the tests and a Space entry point.
 
     `auth`: an `auth.Authenticator`, or `(user, password)` pairs; either way logins are
-    checked in constant time and throttled (HTTP 429 after repeated failures)."""
+    checked in constant time and throttled (HTTP 429 after repeated failures).
+    `frame_ancestors`: who may show the app in a frame (CSP source list; `http_guard`)."""
     if auth and not isinstance(auth, Authenticator):
         auth = Authenticator.from_sources(pairs=auth)
-    return dict(auth=auth or None, theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
+    # the login throttle counts failures per client address too
+    middleware = [Middleware(HttpGuard, frame_ancestors=frame_ancestors)] + (
+        [Middleware(ClientAddressMiddleware)] if auth else [])
+    return dict(auth=auth.check if auth else None, theme=gr.themes.Soft(), css=CSS, max_file_size="25mb",
                 allowed_paths=[str(SAMPLES)],   # the bundled examples, wherever the app runs
-                footer_links=["api"], show_error=True,
-                # the login throttle counts failures per client address too
-                app_kwargs={"middleware": [Middleware(ClientAddressMiddleware)]} if auth else None,
+                footer_links=["api"], show_error=True, app_kwargs={"middleware": middleware},
                 auth_message="LesionLens: sign in to see your own cases." if auth else None)

@@ -955,6 +955,42 @@ def test_held_back_case_over_the_api(tmp_path):
         app.stop()
 
 
+@pytest.mark.slow
+def test_headers_cross_site_requests_and_cookies(tiny_checkpoint, tmp_path):
+    """The page may not be framed by other sites, a page of another site cannot post to the app, and over
+    HTTPS (behind a proxy) the login cookie has no insecure copy."""
+    import http.client
+    import urllib.parse
+    app = AppProcess(tiny_checkpoint, tmp_path / "data" / "cases.db", "--no-warmup", "--auth", "ana:pw-ana").wait_ready()
+
+    def request(method, path, body=None, headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+        try:
+            connection.request(method, path, body, headers or {})
+            response = connection.getresponse()
+            response.read()
+            return response.status, response.getheaders()
+        finally:
+            connection.close()
+
+    try:
+        status, headers = request("GET", "/")
+        named = {k.lower(): v for k, v in headers}
+        assert named["content-security-policy"] == "frame-ancestors 'none'" and named["x-frame-options"] == "DENY"
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        login = urllib.parse.urlencode({"username": "ana", "password": "pw-ana"})
+        status, _ = request("POST", "/login", login, {**form, "Origin": "https://evil.example"})
+        assert status == 403
+        status, headers = request("POST", "/login", login, {**form, "Origin": f"http://127.0.0.1:{app.port}"})
+        assert status == 200 and any("access-token-unsecure" in v for k, v in headers if k.lower() == "set-cookie")
+        status, headers = request("POST", "/login", login, {**form, "X-Forwarded-Proto": "https"})
+        cookies = [v for k, v in headers if k.lower() == "set-cookie"]
+        assert status == 200 and cookies and not any("access-token-unsecure" in v for v in cookies)
+        assert all("secure" in v.lower() for v in cookies if v.startswith("access-token"))
+    finally:
+        app.stop()
+
+
 def test_parse_follow_up_commands():
     from app.commands import parse_command
     classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

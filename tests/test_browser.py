@@ -3,10 +3,12 @@
     .venv/bin/python -m pytest tests/test_browser.py -q      # screenshots land in screenshots/
 
 Uploads a sample in the Chat tab and waits for the reply with its overlay image, runs a
-comparison in the Compare tab, finds the case in the History tab (its columns lined up and
-readable at 1280 px and on a 400 px phone), and reads the model card;
-then clicks a sample card and sends it (the reply names the sample's known diagnosis), and drops
-a picture that is not a lesion (the reply leads with that and holds the diagnosis back).
+comparison in the Compare tab (every overlay and caption shown whole), finds the case in the
+History tab (its columns lined up and readable at 1280 px and on a 400 px phone), and reads the
+model card (no table wider than the window); then clicks a sample card and sends it (the reply
+names the sample's known diagnosis), drops a picture that is not a lesion (the reply leads with
+that and holds the diagnosis back), and checks that a fresh reply's verdict is on screen at
+1400x1000 and on a 400x800 phone.
 Skips (with the reason) when Playwright or /usr/bin/chromium is missing; never downloads a
 browser. The page must not request anything outside the machine.
 """
@@ -81,12 +83,14 @@ def test_chat_compare_history_model_in_chromium(app):
             page.wait_for_timeout(500)
             page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
 
-            # Compare: the current case is preselected; run the default methods.
+            # Compare: the current case is preselected; run the default methods (two quick CAMs).
             page.get_by_role("tab", name="Compare").click()
             page.get_by_role("button", name="Compare", exact=True).click()
-            page.locator("#compare-gallery img").nth(3).wait_for()
+            page.locator("#compare-gallery img").nth(1).wait_for()
+            sync_api.expect(page.get_by_role("button", name="Compare", exact=True)).to_be_enabled()
             page.wait_for_timeout(500)
             page.screenshot(path=str(SHOTS / "compare.png"), full_page=True)
+            _check_gallery_shows_all(page, 2)
 
             # History: the case is listed with its note.
             page.get_by_role("tab", name="History").click()
@@ -116,6 +120,11 @@ def test_chat_compare_history_model_in_chromium(app):
             page.get_by_role("tab", name="Model").click()
             sync_api.expect(page.get_by_text("Model card")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(SHOTS / "model.png"), full_page=True)
+            for width in (1400, 1280, 400):   # wide tables fit, or scroll in their own box
+                page.set_viewport_size({"width": width, "height": 1000})
+                page.wait_for_timeout(300)
+                got = page.evaluate(_MODEL_WIDTH_JS)
+                assert got["page"] <= got["window"] and got["widest"] <= got["window"], (width, got)
         finally:
             browser.close()
     assert outside == [], f"the page reached outside the machine: {outside}"
@@ -154,6 +163,27 @@ def _check_history_columns(page, width: int, want: set, scrolls: bool) -> None:
     assert (full > view) == scrolls, got
     assert full >= heads[-1][1] + heads[-1][2] - heads[0][1] - 2, got   # the last is reachable
     assert got["page"][1] <= got["page"][0], f"the page itself scrolls sideways: {got}"
+
+
+# How far the page and the Model tab's tables reach to the right, against the window's width.
+_MODEL_WIDTH_JS = """() => ({
+  page: document.documentElement.scrollWidth, window: innerWidth,
+  widest: Math.max(0, ...[...document.querySelectorAll('.ll-model table')]
+                           .map(t => t.getBoundingClientRect().right))})"""
+
+
+def _check_gallery_shows_all(page, n: int) -> None:
+    """The Compare gallery shows its `n` overlays and every caption whole: no scroll bar of its
+    own, no caption cut off."""
+    got = page.evaluate("""() => {
+      const wrap = document.querySelector('#compare-gallery .grid-wrap');
+      const caps = [...document.querySelectorAll('#compare-gallery .caption-label')];
+      return {n: document.querySelectorAll('#compare-gallery img').length,
+              scroll: [wrap.scrollHeight, wrap.clientHeight],
+              cut: caps.filter(c => c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1)
+                       .map(c => c.innerText)};
+    }""")
+    assert got["n"] == n and got["scroll"][0] <= got["scroll"][1] + 1 and got["cut"] == [], got
 
 
 def _page(browser, app):
@@ -224,5 +254,53 @@ def test_non_lesion_image_leads_with_the_warning_and_holds_the_table_back(app, t
             assert shown.startswith("⚠️ This image does not look like"), shown
             sync_api.expect(page.locator("#chatbot [data-testid='bot'] table").first).to_be_visible()
             page.screenshot(path=str(SHOTS / "chat-unusual.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+# Where the newest reply's verdict lies ([top, bottom] of its table and of its "Malignant vs
+# benign" and "Sensitive threshold" lines), against the window and the chat pane's visible part.
+_VERDICT_JS = """() => {
+  const span = e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom, r.left, r.right]; };
+  const reply = [...document.querySelectorAll('#chatbot [data-testid=bot]')]
+    .filter(m => m.querySelector('table')).pop();
+  const lines = [...reply.querySelectorAll('p')]
+    .filter(p => /^(Malignant vs benign|Sensitive threshold)/.test(p.innerText.trim()));
+  return {window: [0, innerHeight, 0, innerWidth],
+          pane: span(document.querySelector('#chatbot [role=log]')),
+          parts: [['table', span(reply.querySelector('table'))],
+                  ...lines.map(p => [p.innerText.slice(0, 20), span(p)])]};
+}"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width,height", [(1400, 1000), (400, 800)])
+def test_fresh_reply_shows_its_verdict_without_scrolling(app, width, height):
+    """Right after the reply to a dropped image, its verdict (the probability table, the
+    malignant-vs-benign line and, when the checkpoint has one, the sensitive-threshold line) is
+    on screen, on a desktop and on a phone: the chat does not leave it above the heat map."""
+    SHOTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(90_000)
+            page.goto(app.url)
+            _send(page, SAMPLE, "75 y, lower leg")
+            bot = page.locator("#chatbot [data-testid='bot']")
+            bot.filter(has_text="Malignant vs benign").first.wait_for()
+            overlay = page.locator("#chatbot [data-testid='bot'] img[src*='gradcam-']").first
+            overlay.wait_for()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle())
+            sync_api.expect(page.locator("#chat-input textarea")).to_be_enabled()
+            page.wait_for_timeout(2000)                    # the scrolling after the reply settles
+            page.screenshot(path=str(SHOTS / f"chat-verdict-{width}.png"))
+            got = page.evaluate(_VERDICT_JS)
+            assert [name for name, _ in got["parts"]][:2] == ["table", "Malignant vs benign:"], got
+            for name, (top, bottom, left, right) in got["parts"]:
+                for box in ("window", "pane"):
+                    t, b, l, r = got[box]
+                    assert t - 1 <= top and bottom <= b + 1 and l - 1 <= left and right <= r + 1, \
+                        f"{name!r} is not in the {box} at {width}x{height}: {got}"
         finally:
             browser.close()
