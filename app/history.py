@@ -19,17 +19,22 @@ HISTORY_COLUMNS = ["case", "date (UTC)", "file", "note", "prediction", "probabil
 
 
 def _day(value) -> str | None:
-    """gr.DateTime gives '', None, 'YYYY-MM-DD', a full timestamp, or epoch seconds."""
-    if value in (None, ""):
+    """'' / None (no limit), 'YYYY-MM-DD' (a full timestamp is cut to its day), 'today', 'yesterday' (UTC),
+    or epoch seconds (an API caller); anything else is refused, saying what to type."""
+    if value is None or not str(value).strip():
         return None
     if isinstance(value, (int, float)):
         return time.strftime("%Y-%m-%d", time.gmtime(value))
-    text = str(value).strip()[:10]
+    words = {"today": 0, "yesterday": 1}
+    text = str(value).strip().lower()
+    if text in words:
+        return time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400 * words[text]))
     try:
-        time.strptime(text, "%Y-%m-%d")
+        time.strptime(text[:10], "%Y-%m-%d")
     except ValueError:
-        raise UserError(f"“{value}” is not a date; use YYYY-MM-DD.") from None
-    return text
+        raise UserError(f"“{str(value)[:40]}” is not a date the history can search by; type it as YYYY-MM-DD "
+                        "(e.g. 2026-12-31), or today or yesterday.") from None
+    return text[:10]
 
 
 MAX_QUERY_CHARS = 200   # a search term, not a document

@@ -67,9 +67,6 @@ CSS = """
 }
 /* History: date pickers fit their column (the calendar button was pushed out and clipped), and
    neither they nor the class dropdown are cut off by their containers. */
-.ll-date .timebox {display: flex; width: 100%;}
-.ll-date .timebox input {flex: 1 1 auto; min-width: 0; width: auto;}
-.ll-date .timebox button {flex: 0 0 auto;}
 .ll-filters, .ll-filters > .form, .ll-date, .ll-filters .block {overflow: visible !important;}
 /* Compare: the case label is long; show it whole where there is room, smaller on a phone. */
 @media (max-width: 640px) {
@@ -346,11 +343,12 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                                        placeholder="e.g. shoulder, or part of a file name")
                     cls = gr.Dropdown([("All classes", "")] + [(n, c) for c, n in names.items()],
                                       value="", label="Predicted class", scale=1)
-                    date_from = gr.DateTime(label="From (UTC)", include_time=False,
-                                            type="string", scale=1, min_width=220,
-                                            elem_classes=["ll-date"])
-                    date_to = gr.DateTime(label="To (UTC)", include_time=False, type="string",
-                                          scale=1, min_width=220, elem_classes=["ll-date"])
+                    # Text, not gr.DateTime: its picker drops a date it cannot read without a word,
+                    # where `history._day` says what it wants; Enter or leaving the box searches.
+                    date_from = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD, today, yesterday",
+                                           scale=1, min_width=200, elem_classes=["ll-date"])
+                    date_to = gr.Textbox(label="To (UTC)", placeholder="YYYY-MM-DD, today, yesterday",
+                                         scale=1, min_width=200, elem_classes=["ll-date"])
                 with gr.Row():
                     count = gr.Markdown(label="Number of cases")
                     search = gr.Button("Search", size="sm", scale=0, min_width=120)
@@ -439,7 +437,8 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         filters = [query, cls, date_from, date_to]
         history_tab.select(history_search, filters, [table, count], api_visibility="private",
                            **LIGHT)
-        gr.on([query.submit, search.click, cls.change, date_from.change, date_to.change],
+        gr.on([query.submit, search.click, cls.change, date_from.submit, date_from.blur, date_to.submit,
+               date_to.blur],
               history_search,
               filters, [table, count], api_name="history", **LIGHT)
         table.select(history_select, None, [selected, thumb, details, confirm_row],

@@ -459,8 +459,9 @@ def test_classify_api_compare_history_export_and_delete(ctx, tmp_path):
     assert rows[0][0] == case.id and rows[0][2] == SAMPLE2.name
     assert hist.history_cases(ctx, "bo") == []
     assert hist.history_cases(ctx, "ana", date_to="2001-01-01") == []
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="YYYY-MM-DD"):
         hist.history_cases(ctx, "ana", date_from="last tuesday")
+    assert [c.id for c in hist.history_cases(ctx, "ana", date_from="yesterday", date_to="today")] == [case.id]
     thumb, md = hist.case_details(ctx, case.id, "ana")
     assert max(thumb.size) <= 128 and f"Case #{case.id}" in md
     zpath = hist.export_history(ctx, "zip", ctx.store.list_cases(user="ana"))

@@ -96,6 +96,13 @@ def test_chat_compare_history_model_in_chromium(app):
             page.get_by_role("tab", name="History").click()
             sync_api.expect(page.locator("#history-table")).to_contain_text("75 y, lower leg",
                                                                           timeout=30_000)
+            date_from = page.locator(".ll-date input, .ll-date textarea").first   # a date it cannot read
+            date_from.fill("31/12/2025")
+            date_from.press("Enter")
+            sync_api.expect(page.get_by_text("is not a date the history can search by")).to_be_visible()
+            date_from.fill("yesterday")
+            date_from.press("Enter")
+            sync_api.expect(page.locator("#history-table")).to_contain_text("75 y, lower leg")
             page.get_by_role("button", name="Export ZIP (CSV + images)").click()
             sync_api.expect(page.get_by_text(".zip").first).to_be_visible()
             page.screenshot(path=str(SHOTS / "history.png"), full_page=True)
