@@ -345,9 +345,9 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
                                       value="", label="Predicted class", scale=1)
                     # Text, not gr.DateTime: its picker drops a date it cannot read without a word,
                     # where `history._day` says what it wants; Enter or leaving the box searches.
-                    date_from = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD, today, yesterday",
+                    date_from = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD",
                                            scale=1, min_width=200, elem_classes=["ll-date"])
-                    date_to = gr.Textbox(label="To (UTC)", placeholder="YYYY-MM-DD, today, yesterday",
+                    date_to = gr.Textbox(label="To (UTC)", placeholder="YYYY-MM-DD",
                                          scale=1, min_width=200, elem_classes=["ll-date"])
                 with gr.Row():
                     count = gr.Markdown(label="Number of cases")

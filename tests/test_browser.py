@@ -14,6 +14,7 @@ browser. The page must not request anything outside the machine.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,7 @@ def test_non_lesion_image_leads_with_the_warning_and_holds_the_table_back(app, t
             assert "Malignant vs benign" not in reply and "Melanoma" not in reply
             assert page.locator("#chatbot [data-testid='bot'] table").count() == 0
             assert page.locator("#chatbot [data-testid='bot'] img").count() == 0   # no heat map
+            _held_back_in_every_tab(page, bot)
             # asked for, the table comes, still behind the warning
             page.locator("#chat-input textarea").fill("analyse anyway")
             page.locator("#chat-input textarea").press("Enter")
@@ -263,6 +265,24 @@ def test_non_lesion_image_leads_with_the_warning_and_holds_the_table_back(app, t
             page.screenshot(path=str(SHOTS / "chat-unusual.png"), full_page=True)
         finally:
             browser.close()
+
+
+def _held_back_in_every_tab(page, bot):
+    """The held-back case in History (row, details), Compare's case list, and reopened in the chat: held back,
+    no diagnosis anywhere."""
+    page.get_by_role("tab", name="History").click()
+    row = page.locator("#history-table [role=gridcell]").filter(has_text="holiday photo").first
+    row.wait_for()
+    sync_api.expect(page.locator("#history-table")).to_contain_text("held back: unlike a dermoscopic lesion")
+    row.click()
+    sync_api.expect(page.get_by_text("Open it in the chat and type").first).to_be_visible()   # the details
+    page.get_by_role("tab", name="Compare").click()
+    sync_api.expect(page.locator("#case-dd input")).to_have_value(re.compile("held back"))
+    page.get_by_role("tab", name="History").click()
+    page.get_by_role("button", name="Open in chat").click()
+    sync_api.expect(bot.last).to_contain_text("not showing a diagnosis")
+    assert page.locator("#chatbot [data-testid='bot'] table").count() == 0
+    page.screenshot(path=str(SHOTS / "held-back.png"), full_page=True)
 
 
 # Where the newest reply's verdict lies ([top, bottom] of its table and of its "Malignant vs
