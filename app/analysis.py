@@ -49,6 +49,7 @@ class Result:
     heat: np.ndarray
     clinical: Clinical = Clinical()
     unusual_because: tuple[str, ...] = ()
+    box: tuple | None = None   # the region of `image` the model's view was resized from
 
 
 def why_unusual(because) -> str:
@@ -82,7 +83,7 @@ def analyse(ctx: Services, image: Image.Image, clinical: Clinical = Clinical()) 
     batched with other requests (`ctx.model_queue`); `clinical` is passed on only when the
     checkpoint fuses it (unknown values count as missing)."""
     predictor = ctx.predictor
-    prepared = predictor.prepare([image])[0]
+    (prepared,), (box,) = predictor.prepare_with_boxes([image])
     out = ctx.model_queue.submit(prepared, clinical)
     probs = np.asarray(out["probs"])
     unusual, because = bool(out["unusual"]), tuple(out["unusual_because"])
@@ -90,19 +91,22 @@ def analyse(ctx: Services, image: Image.Image, clinical: Clinical = Clinical()) 
                   ood_score=float(out["ood_score"]), unusual=unusual,
                   warnings=uncertainty_warnings(probs, float(out["entropy"]), predictor.class_names, unusual,
                                                 because),
-                  heat=np.asarray(out["heat"]), clinical=clinical, unusual_because=because)
+                  heat=np.asarray(out["heat"]), clinical=clinical, unusual_because=because, box=box)
+
+
+def admit(ctx: Services, user: str, note: str) -> None:
+    """NotStored for a note too long or a full history: checked once per request, before any model time
+    is spent on a case that cannot be kept (the store checks the room again under its lock, when it writes)."""
+    check_note(note)
+    ctx.store.check_room(user)
 
 
 def classify_path(ctx: Services, path, user: str = "", note: str = "", filename: str = ""):
     """Load, analyse and explain (the default method), then store: (case, result, overlay png path).
-
-    UserError for unreadable images, NotStored for a note too long or a full history (checked
-    first: no model time spent on a case that cannot be kept); nothing is stored unless every
-    step succeeded.
+    The caller has `admit`ted the request. UserError for unreadable images; nothing is stored unless
+    every step succeeded.
     """
     filename = filename or Path(str(path)).name
-    check_note(note)
-    ctx.store.check_room(user)
     try:
         if os.path.getsize(path) == 0:
             raise UserError(f"{filename}: the file is empty (0 bytes); upload the image again.")
@@ -113,7 +117,7 @@ def classify_path(ctx: Services, path, user: str = "", note: str = "", filename:
     except UserError as e:  # name the file as the user knows it, not Gradio's temp path
         raise UserError(_strip_path(str(e), path)) from None
     result = analyse(ctx, image, parse_clinical(note))
-    over, _ = overlay(ctx, image, result.prepared, heat=result.heat)
+    over, _ = overlay(ctx, image, result.prepared, heat=result.heat, box=result.box)
     png = write_png(ctx, over, f"gradcam-{Path(filename).stem}")
     p = ctx.predictor
     case = ctx.store.add_case(
@@ -139,6 +143,7 @@ def classify_api(ctx: Services, path, user: str = "", note: str = ""):
     checkpoint_id. A held-back case gets no probabilities, malignancy or overlay, as in the chat."""
     if not path:
         raise UserError("no file received: send one image file (JPEG or PNG).")
+    admit(ctx, user, note or "")
     case, result, png = classify_path(ctx, path, user=user, note=note or "")
     p = ctx.predictor
     threshold = p.operating_threshold

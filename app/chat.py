@@ -15,10 +15,10 @@ import numpy as np
 
 from model.errors import UserError
 
-from .analysis import classify_path, uncertainty_warnings, why_unusual
+from .analysis import admit, classify_path, uncertainty_warnings, why_unusual
 from .commands import METHOD_LABELS, Clinical, help_text, parse_clinical, parse_command
 from .services import HEATMAP_LEGEND, Services, md_escape, overlay, sample_truth, write_png
-from .store import MAX_NOTE_CHARS, NotStored, check_note
+from .store import MAX_NOTE_CHARS, NotStored
 
 log = logging.getLogger("lesionlens")
 
@@ -168,8 +168,7 @@ def chat_respond(ctx: Services, pending: dict | None, history: list | None, stat
         yield history, state
         return
     try:   # the same for every image: say it once, before any model time is spent
-        check_note(text)
-        ctx.store.check_room(user)
+        admit(ctx, user, text)
     except NotStored as e:
         history.append(text_message(f"❌ Nothing was analysed or saved: {e}"))
         yield history, state

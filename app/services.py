@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from model import render
+from model.predictor import Predictor
 
 from .batching import ModelQueue, batch_limit
 from .store import CaseStore, storage_errors
@@ -76,7 +77,7 @@ def remove_older_than(folder: Path, max_age_s: float, now: float, pattern: str =
 
 @dataclass(frozen=True)
 class Services:
-    predictor: object
+    predictor: Predictor
     store: CaseStore
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lesionlens-")))
     gradio_dir: Path | None = None   # where Gradio keeps uploads and copies of outputs
@@ -191,11 +192,12 @@ def blend(shown: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
     return render.overlay(shown, heat, alpha=alpha, contour_percent=CONTOUR_PERCENT)
 
 
-def heat_on_display(predictor, heat: np.ndarray, image: Image.Image, shown: np.ndarray | None = None) -> np.ndarray:
+def heat_on_display(predictor, heat: np.ndarray, image: Image.Image, shown: np.ndarray | None = None,
+                    box=None) -> np.ndarray:
     """The model-view map placed on the image as displayed (through a field-of-view crop, if any);
-    `shown`: `display_image(image)`, when already made."""
+    `shown`: `display_image(image)`, when already made; `box`: the crop `prepare_with_boxes` found."""
     shown = display_image(image) if shown is None else shown
-    return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]))
+    return predictor.to_image_frame(heat, image, out_size=(shown.shape[1], shown.shape[0]), box=box)
 
 
 def explain(ctx: Services, prepared: np.ndarray, method: str | None = None, class_index: int | None = None):
@@ -204,13 +206,14 @@ def explain(ctx: Services, prepared: np.ndarray, method: str | None = None, clas
 
 
 def overlay(ctx: Services, image: Image.Image, prepared: np.ndarray, method: str | None = None,
-            class_index: int | None = None, alpha: float = DEFAULT_ALPHA, heat=None):
+            class_index: int | None = None, alpha: float = DEFAULT_ALPHA, heat=None, box=None):
     """(overlay uint8 (H, W, 3) at display size, heat map (S, S)) for one image; `heat` when
-    already computed (the analysis pass makes the default map), else `method`'s map."""
+    already computed (the analysis pass makes the default map), else `method`'s map; `box`: the crop
+    `prepare_with_boxes` found, when known."""
     if heat is None:
         heat = explain(ctx, prepared, method, class_index)
     shown = display_image(image)
-    return blend(shown, heat_on_display(ctx.predictor, heat, image, shown), alpha), heat
+    return blend(shown, heat_on_display(ctx.predictor, heat, image, shown, box), alpha), heat
 
 
 def sample_truth(case) -> str | None:

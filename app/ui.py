@@ -24,7 +24,7 @@ from model.errors import UserError
 
 from . import chat, compare
 from . import history as hist   # `history` is the chat's message list below
-from .analysis import classify_api, classify_path
+from .analysis import admit, classify_api, classify_path
 from .auth import Authenticator, ClientAddressMiddleware
 from .http_guard import HttpGuard
 from .commands import METHOD_LABELS
@@ -203,6 +203,7 @@ def build_demo(predictor, store, tmp_dir: Path | None = None) -> gr.Blocks:
         if not path:
             return gr.Dropdown()
         user = user_of(request)
+        admit(ctx, user, "uploaded in Compare")
         case, _, _ = classify_path(ctx, path, user=user, note="uploaded in Compare")
         return gr.Dropdown(choices=compare.case_choices(ctx, user), value=case.id)
 

@@ -6,7 +6,7 @@
 The train step is the bare update (forward, backward, AdamW), on synthetic normalised images,
 exactly what `../shared/bench/peer_torch.py throughput` times for PyTorch; augmentation and the
 input pipeline are left out of both. Inference and batch-1 latency run the predictor's own jitted
-forward pass (`model.predictor.forward`, plain view) on uint8 images, as the app and evaluation do.
+forward pass (`model.inference.forward`, plain view) on uint8 images, as the app and evaluation do.
 
 Run as a script, it restarts once with glibc's huge-page malloc settings as train.py does
 (model/runtime.py); the peer runs with the environment it was started with, less those settings,
@@ -30,7 +30,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import runtime  # noqa: E402
 from model.networks import build  # noqa: E402
-from model.predictor import forward  # noqa: E402
+from model.inference import forward  # noqa: E402
 from model.preprocess import Normalisation  # noqa: E402
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_torch.py"

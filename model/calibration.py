@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from . import checkpoint, clinical, metrics
 from .errors import UserError
 from .pipeline import balances_classes
-from .predictor import unit_rows
+from .gate import flag_unusual, unit_rows
 
 OOD_PASS_RATE = 0.985  # per gate (distance, entropy); together >= 95% of validation lesions pass
 OOD_REFERENCE_SIZE = 1024  # validation lesions kept as the gate's reference: 2.6 MB of float16 at 1,280 features
@@ -187,7 +187,7 @@ def calibrate(predictor, val, classes, sources=None, prior_tau: float | None = N
     # models: those get near-uniform predictions, so a high-entropy gate catches them. Each gate keeps
     # OOD_PASS_RATE of validation lesions, so together at least 95% pass.
     ood["entropy_threshold"] = float(np.quantile(entropy, OOD_PASS_RATE))
-    ood["validation_pass_rate"] = float(np.mean(~predictor.flag_unusual(predictor.unusual_checks(
+    ood["validation_pass_rate"] = float(np.mean(~flag_unusual(predictor.unusual_checks(
         distance, entropy[held_out], predictor.non_lesion_score(pooled[held_out])))))
 
     predictor.metadata.update(temperature=temperature, ood=ood)

@@ -137,7 +137,7 @@ def external_summary(m: dict) -> dict:
 def record_external(predictor: Predictor, specs) -> dict:
     """Evaluate on other sources ("CSV:split,..." specs) and store their headlines in the checkpoint:
     the model card shows how the model transfers. Returns the full metrics per spec."""
-    results = {spec: evaluate_split(predictor, labelled_split(predictor, spec), predictor.classes)[0]
+    results = {spec: evaluate_split(predictor, labelled_split(predictor, spec))[0]
                for spec in specs}
     if results:
         predictor.metadata.setdefault("metrics", {})["external"] = {s: external_summary(m) for s, m in results.items()}

@@ -29,7 +29,8 @@ from .errors import UserError
 from .images import UnreadableImages, build_cache, default_cache_dir
 from .networks import build
 from .pipeline import balances_classes, epoch_order, global_batches, prefetch
-from .predictor import EVAL_BATCH, Predictor, forward
+from .inference import EVAL_BATCH, forward
+from .predictor import Predictor
 from .preprocess import Normalisation
 from .splits import lesion_sample, make_split, not_in, read_split, write_split
 from .train_step import (class_weights, data_mesh, make_ema_update, make_optimizer, make_train_step, process_rows,

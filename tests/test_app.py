@@ -279,7 +279,7 @@ def _gate_between(p, lesion: Path, other: Path) -> dict:
     """An unusual-image gate (metadata["ood"], as model/calibration.py writes it) centred on
     `lesion`'s features, its threshold halfway to `other`'s: `other` is unusual, `lesion` not."""
     from model import checkpoint
-    from model.predictor import reference_distance
+    from model.gate import reference_distance
 
     _, pooled = p.forward_arrays(p.prepare([Image.open(lesion), Image.open(other)]))
     gate = {"neighbours": 1, "reference": checkpoint.pack_array(pooled[:1] / np.linalg.norm(pooled[0]))}
@@ -1209,3 +1209,21 @@ def test_login_is_throttled_by_user_and_address_and_logged(tiny_checkpoint, tmp_
     assert len(failed) == PAIR_FREE_FAILURES and "locked out for 2 s" in failed[-1]
     assert "login refused for user 'ana' from 127.0.0.1: locked out" in log
     assert "guess-" not in log and "pw-ana" not in log and "pw-bo" not in log   # no passwords
+
+
+def test_the_crop_box_is_found_once_and_places_the_map_as_before(tmp_path):
+    """The upload walk finds the field-of-view crop once (`prepare_with_boxes`) and puts the map back through
+    it: the same view and the same placed map as finding it again."""
+    from PIL import ImageDraw
+
+    from model.images import square_box
+    from model.predictor import Predictor
+    p = Predictor.load(make_tiny_checkpoint(tmp_path / "fov", resize="fov"))
+    framed = Image.new("RGB", (320, 240), "black")                   # a dermatoscope's round frame
+    ImageDraw.Draw(framed).ellipse((60, 20, 260, 220), fill=(200, 150, 130))
+    prepared, (box,) = p.prepare_with_boxes([framed])
+    assert box == square_box(framed, "fov") and box != (0, 0, 320, 240)
+    np.testing.assert_array_equal(prepared, p.prepare([framed]))
+    heat = np.random.default_rng(0).random((p.image_size, p.image_size)).astype(np.float32)
+    np.testing.assert_array_equal(p.to_image_frame(heat, framed, box=box), p.to_image_frame(heat, framed))
+    assert p.prepare_with_boxes([prepared[0]])[1] == [None]           # already the model's view: no crop

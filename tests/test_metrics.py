@@ -193,7 +193,7 @@ def test_operating_point_keeps_the_pooled_threshold_when_per_source_would_flag_m
 def test_non_lesion_boundary_scores_pictures_like_its_non_lesions_above_lesions():
     from model import checkpoint
     from model.calibration import non_lesion_boundary
-    from model.predictor import non_lesion_score
+    from model.gate import non_lesion_score
     # Features along two directions: lesions near e0, known non-lesions near e1 (at any length: scored as unit rows).
     rng = np.random.default_rng(0)
     def around(axis, n, scale=1.0):
@@ -262,7 +262,7 @@ def test_operating_point_refuses_a_threshold_that_flags_most_of_one_sources_beni
 
 def test_unusual_image_gate_flags_features_among_no_lesions_even_at_their_mean():
     from model.calibration import OOD_PASS_RATE, unusual_image_gate
-    from model.predictor import reference_distance
+    from model.gate import reference_distance
 
     # Lesions' features on a ring: their mean, the ring's centre, is near none of them (where a
     # class-mean distance scored noise and text pages as usual, docs/notebook/experiment-record.md).
@@ -524,7 +524,7 @@ def test_operating_point_counts_sensitivity_specificity_and_melanomas():
 
 @pytest.mark.slow
 def test_prior_correction_bench_on_prediction_files(tmp_path):
-    """bench/prior_correction.py reads a split file and evaluate's predictions.csv from disk."""
+    """bench/experiments/prior_correction.py reads a split file and evaluate's predictions.csv from disk."""
     import subprocess
     split = tmp_path / "split.csv"
     split.write_text("path,split,dx\n" + "".join(f"t{i}.jpg,train,{'mel' if i < 2 else 'nv'}\n" for i in range(10))
@@ -535,7 +535,7 @@ def test_prior_correction_bench_on_prediction_files(tmp_path):
     predictions.write_text("path,label,prediction,malignant_probability,mel,nv\n"
                            "a.jpg,mel,nv,0.4,0.4,0.6\nb.jpg,mel,nv,0.4,0.4,0.6\n"
                            "c.jpg,nv,nv,0.1,0.1,0.9\nd.jpg,nv,nv,0.1,0.1,0.9\n")
-    script = Path(__file__).resolve().parents[1] / "bench" / "prior_correction.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / "experiments" / "prior_correction.py"
     out = subprocess.run([sys.executable, str(script), str(split), str(predictions)],
                          capture_output=True, text=True, check=True).stdout
     assert "tau 0.0: 0.5000" in out and "tau 1.0: 1.0000" in out
@@ -549,12 +549,12 @@ def _write_predictions(path, rows):
 
 @pytest.mark.slow
 def test_ensemble_bench_averages_members(tmp_path):
-    """bench/ensemble.py: each member misses a different melanoma; their mean finds both."""
+    """bench/experiments/ensemble.py: each member misses a different melanoma; their mean finds both."""
     import subprocess
     nv = [("c.jpg", "nv", 0.1), ("d.jpg", "nv", 0.1)]
     first = _write_predictions(tmp_path / "a.csv", [("a.jpg", "mel", 0.9), ("b.jpg", "mel", 0.45), *nv])
     second = _write_predictions(tmp_path / "b.csv", [("a.jpg", "mel", 0.45), ("b.jpg", "mel", 0.9), *nv])
-    script = Path(__file__).resolve().parents[1] / "bench" / "ensemble.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / "experiments" / "ensemble.py"
     out = subprocess.run([sys.executable, str(script), str(first), str(second)],
                          capture_output=True, text=True, check=True).stdout
     members, ensemble = out.split("ensemble of 2")

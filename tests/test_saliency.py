@@ -265,14 +265,14 @@ def test_side_by_side_layout():
 
 # --- faithfulness metrics (bench/saliency_faithfulness.py) on synthetic maps -------------------
 
-def _bench(name: str = "saliency_faithfulness"):
+def _bench(name: str = "saliency_faithfulness", sub: str = ""):
     import importlib.util
     import sys
     from pathlib import Path
     folder = Path(__file__).resolve().parents[1] / "bench"
     if str(folder) not in sys.path:   # bench scripts import each other, as when run from bench/
         sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, folder / sub / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -426,9 +426,9 @@ def test_faithfulness_bench_scores_masks_in_the_images_own_frame(tmp_path, resiz
 
 
 def test_super_resolution_recovers_a_fine_map_from_shifted_coarse_ones():
-    """bench/saliency_superres.py: a 20x20 map seen only through 5x5 grids of 16 shifted copies comes
+    """bench/experiments/saliency_superres.py: a 20x20 map seen only through 5x5 grids of 16 shifted copies comes
     back from the solve far closer than any one coarse map gets; shifting moves content as stated."""
-    bench = _bench("saliency_superres")
+    bench = _bench("saliency_superres", "experiments")
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     moved = np.asarray(bench.shift_images(x, 1, -1))[0, ..., 0]
     np.testing.assert_array_equal(moved[1:, :3], np.asarray(x)[0, :3, 1:, 0])   # content moved down, left

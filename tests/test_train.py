@@ -159,7 +159,7 @@ def test_a_damaged_non_lesion_boundary_or_too_few_pictures_is_refused_with_what_
 @pytest.mark.slow
 def test_test_resolution_bench_scores_a_checkpoint_at_other_sizes(trained_run):
     workdir, _ = trained_run
-    done = subprocess.run([sys.executable, "bench/test_resolution.py", "--checkpoint", str(workdir / "best"),
+    done = subprocess.run([sys.executable, "bench/experiments/test_resolution.py", "--checkpoint", str(workdir / "best"),
                            "--sizes", "32", "48", "--eval", f"{workdir / 'split.csv'}:val"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -356,7 +356,7 @@ def test_prior_correction_without_training_counts_says_what_to_do(tmp_path):
 
 
 def run_soup(*args):
-    return subprocess.run([sys.executable, "bench/weight_soup.py", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "bench/experiments/weight_soup.py", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -1,6 +1,6 @@
 """Test-time resolution ("FixRes", Touvron et al. 2019): a trained checkpoint evaluated at other input sizes.
 
-    python bench/test_resolution.py --checkpoint checkpoints/default --sizes 160 192 \
+    python bench/experiments/test_resolution.py --checkpoint checkpoints/default --sizes 160 192 \
         --eval data/splits/ham10000_val15_seed0.csv:val --eval ../shared/data/isic2017/labels.csv:val
 
 Random resized crops keep an area fraction s of the frame and resize it to the training size, so a
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.evaluate import labelled_split  # noqa: E402
 from model.predictor import Predictor  # noqa: E402
 from model.evaluate import evaluate_split  # noqa: E402

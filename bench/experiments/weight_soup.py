@@ -1,6 +1,6 @@
 """A uniform weight soup (Wortsman et al. 2022): one checkpoint whose weights are the mean of several.
 
-    python bench/weight_soup.py runs/ms_fov_160 runs/ms_fov_160_lowres --out runs/soup_FG
+    python bench/experiments/weight_soup.py runs/ms_fov_160 runs/ms_fov_160_lowres --out runs/soup_FG
     python -m model calibrate --checkpoint runs/soup_FG --csv ...      # before any measurement
 
 Members fine-tuned from the same start (pretrained weights, recipe, data order) may sit in one basin,
@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model import checkpoint  # noqa: E402
 from model.errors import UserError  # noqa: E402
 from model.networks import WEIGHTS  # noqa: E402

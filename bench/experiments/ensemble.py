@@ -2,7 +2,7 @@
 
     for s in A B C; do python -m model evaluate --checkpoint runs/$s/best \
         --csv data/splits/ham10000_val15_seed0.csv --split val --out eval/$s/val; done
-    python bench/ensemble.py eval/A/val/predictions.csv eval/B/val/predictions.csv eval/C/val/predictions.csv
+    python bench/experiments/ensemble.py eval/A/val/predictions.csv eval/B/val/predictions.csv eval/C/val/predictions.csv
 
 Each predictions.csv (written by `evaluate`) holds one model's temperature-scaled, test-time
 augmented probabilities; the files must list the same images in the same order. Prints each
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.evaluate import read_predictions  # noqa: E402
 from model.metrics import classification_metrics  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Can Grad-CAM's coarse map be made finer from shifted copies of the image (Augmented Grad-CAM)?
 
-  python bench/saliency_superres.py checkpoints/default --split data/splits/ham10000_val15_seed0.csv --n 200
+  python bench/experiments/saliency_superres.py checkpoints/default --split data/splits/ham10000_val15_seed0.csv --n 200
 
 Grad-CAM comes from the last stage, 5x5 at 160 px: one cell per 32 pixels. Morbidelli et al. 2020
 ("Augmented Grad-CAM: heat-maps super resolution through augmentation") explain shifted copies of the
@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench/, for its sibling
 import saliency_faithfulness as sf  # noqa: E402
 
 from model import saliency  # noqa: E402

@@ -2,7 +2,7 @@
 
     python -m model evaluate --checkpoint runs/NAME/best --csv data/splits/ham10000_val15_seed0.csv \
         --split val --out eval/NAME
-    python bench/prior_correction.py data/splits/ham10000_val15_seed0.csv eval/NAME/predictions.csv [...]
+    python bench/experiments/prior_correction.py data/splits/ham10000_val15_seed0.csv eval/NAME/predictions.csv [...]
 
 For each predictions.csv (written by `evaluate`), prints the balanced accuracy of the arg-max of
 log p(class | image) - tau * log prior(class), for a few tau, with the prior taken from the split
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.evaluate import read_predictions  # noqa: E402
 from model.metrics import balanced_accuracy  # noqa: E402
 

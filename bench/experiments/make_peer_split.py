@@ -1,6 +1,6 @@
 """Write the PyTorch peer's HAM10000 validation split as a lesionlens split file.
 
-    python bench/make_peer_split.py ../shared/data/ham10000 data/splits/ham10000_val15_seed0.csv
+    python bench/experiments/make_peer_split.py ../shared/data/ham10000 data/splits/ham10000_val15_seed0.csv
 
 The peer (../shared/bench/peer_torch.py) holds out 15% of lesions per class with seed 0. Training
 lesionlens with `--split_file` on the same file makes the two validation sets identical, so the
@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "peer_torch.py"
+PEER = Path(__file__).resolve().parents[3] / "shared" / "bench" / "peer_torch.py"
 
 
 def main(ham: str, out: str, frac: float = 0.15, seed: int = 0):
