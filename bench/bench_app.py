@@ -13,8 +13,7 @@ Prints three blocks:
   3. for each --clients N: N concurrent clients doing round trips for D seconds: p50 / p95,
      throughput, errors, and the app's memory before and after.
 Without --url it starts `python -m app` on a free loopback port with a throw-away history
-database. Without a checkpoint at --checkpoint it benchmarks a random-weight simple_cnn at
-224 px (the timings then say nothing about the bundled model's architecture).
+database.
 """
 from __future__ import annotations
 
@@ -32,11 +31,46 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
-from test_app import SAMPLE, AppProcess, make_tiny_checkpoint  # noqa: E402  (shared helpers)
+SAMPLE = ROOT / "data" / "samples" / "mel_ISIC_0024310.jpg"
+
+
+class AppServer:
+    """`python -m app` on a free loopback port, for the length of the benchmark."""
+
+    def __init__(self, checkpoint: Path, db: Path, *extra):
+        import socket
+        import subprocess
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "--checkpoint", str(checkpoint), "--db", str(db),
+                                      "--port", str(port), "--host", "127.0.0.1", *extra], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> "AppServer":
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the app exited with {self.proc.returncode}")
+            try:
+                with opener.open(self.url + "config", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"the app did not start in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def summary(times_s: list[float]) -> str:
@@ -198,9 +232,7 @@ def main(argv=None) -> int:
 def run_benchmark(args, work: Path) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
-        print(f"(no checkpoint at {checkpoint}: using a random-weight simple_cnn "
-              "(widths 32-64-128-256) at 224 px)")
-        checkpoint = make_tiny_checkpoint(work / "ckpt", size=224, widths=(32, 64, 128, 256))
+        raise SystemExit(f"no checkpoint at {checkpoint}: pass --checkpoint (the bundled one is checkpoints/default)")
     if args.no_tta:
         checkpoint = without_tta(checkpoint, work / "plain-view")
     print(f"CPU cores: {os.cpu_count()}, load average: "
@@ -210,7 +242,7 @@ def run_benchmark(args, work: Path) -> int:
     app = None
     url = args.url
     if not url:
-        app = AppProcess(checkpoint, work / "history" / "cases.db", "--max-cases", "1000000").wait_ready()
+        app = AppServer(checkpoint, work / "history" / "cases.db", "--max-cases", "1000000").wait_ready()
         url = app.url
     round_trip = ROUND_TRIPS[args.endpoint]
     downloads = work / "downloads"

@@ -33,7 +33,7 @@ SAMPLE2 = SAMPLES / "nv_ISIC_0024340.jpg"
 
 
 # ------------------------------------------------------------------ helpers (shared with
-# test_browser.py and bench/bench_app.py)
+# test_browser.py)
 def make_tiny_checkpoint(path, size: int = 64, seed: int = 0, widths=(8, 16, 16, 16), resize: str = "squash") -> Path:
     """A real lesionlens checkpoint with random weights, written in ~1 s.
 
