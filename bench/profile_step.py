@@ -83,6 +83,15 @@ def measure(arch: str, size: int, batch: int, steps: int, num_classes: int = 7) 
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
+def huge_page_mode() -> str:
+    """The kernel's transparent-huge-page mode ("[madvise]" style: the bracketed one is in force): the peer's
+    speed depends on it, so every ratio is reported with it."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def run_peer(size: int, batch: int, steps: int, huge_pages: bool) -> dict:
     env = dict(os.environ)
     if huge_pages:
@@ -104,7 +113,8 @@ def main():
     ap.add_argument("--peer-huge-pages", action="store_true", help="give the peer the same malloc settings")
     a = ap.parse_args()
     load = os.getloadavg()
-    result = {"load_average_before": [round(v, 2) for v in load], "jax": measure(a.arch, a.size, a.batch, a.steps)}
+    result = {"load_average_before": [round(v, 2) for v in load], "transparent_huge_pages": huge_page_mode(),
+              "jax": measure(a.arch, a.size, a.batch, a.steps)}
     print(json.dumps(result["jax"]), flush=True)
     if a.peer:
         peer = result["peer"] = run_peer(a.size, a.batch, a.steps, a.peer_huge_pages)
