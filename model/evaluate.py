@@ -41,10 +41,10 @@ def evaluate_split(predictor: Predictor, split: Split, n_bootstrap=200, tta=None
     (fused, prior-corrected, temperature-scaled; benign/malignant when the split is scored by malignancy)."""
     logits = predictor.decision_logits(predictor.logits_from_arrays(split.images, tta), split.records)
     probs = predictor.probabilities(logits)
-    classes = split.classes or predictor.classes
-    if split.classes is not None and tuple(split.classes) != tuple(predictor.classes):
+    if split.classes is not None:   # a malignant-vs-benign set scored by a multi-class model
         probs = malignancy_probabilities(predictor, probs)
-    return metrics.classification_metrics(probs, split.labels, list(classes), n_bootstrap=n_bootstrap,
+    return metrics.classification_metrics(probs, split.labels, list(split.classes or predictor.classes),
+                                          n_bootstrap=n_bootstrap,
                                           operating_threshold=predictor.operating_threshold), probs
 
 
@@ -54,21 +54,24 @@ def _load_for(predictor: Predictor, spec: str, by_malignancy: bool):
     task = predictor.metadata["task"]
     try:
         return load_labelled(spec, task), False
-    except UserError:
+    except UserError as not_this_task:
         if not by_malignancy or task == "binary":
             raise
         try:
             return load_labelled(spec, "binary"), True
         except UserError:
-            pass
-        raise
+            raise not_this_task from None
 
 
-def _readable(records, labels, size: int, resize: str):
-    """The cached images of every readable record, and notes naming those that could not be read."""
+def _cached(predictor: Predictor, records, labels, skip_unreadable: bool):
+    """(images, records, labels, notes): the cache of the records; with `skip_unreadable`, of the readable ones,
+    and a note naming the others. Only a set with unreadable files is decoded a second time."""
+    size, resize = predictor.image_size, predictor.resize
     try:
         return build_cache([r.path for r in records], size, resize, default_cache_dir()), records, labels, []
     except UnreadableImages as e:
+        if not skip_unreadable:
+            raise
         bad = {os.path.abspath(path) for path, _ in e.failures}
         keep = [i for i, r in enumerate(records) if os.path.abspath(r.path) not in bad]
         if not keep:
@@ -93,12 +96,7 @@ def labelled_split(predictor: Predictor, source: str, split: str | None = None, 
         raise UserError(f"{source}: no labelled images for the task {predictor.metadata['task']!r}.")
     classes = data.classes if collapsed else predictor.classes
     labels = np.array([classes.index(c) for c in data.classes])[data.labels]
-    if skip_unreadable:
-        images, records, labels, unreadable = _readable(list(data.records), labels, predictor.image_size,
-                                                         predictor.resize)
-    else:
-        images, records, unreadable = build_cache([r.path for r in data.records], predictor.image_size,
-                                                  predictor.resize, default_cache_dir()), list(data.records), []
+    images, records, labels, unreadable = _cached(predictor, list(data.records), labels, skip_unreadable)
     return Split(images, labels, records, tuple(classes) if collapsed else None, data.skipped + unreadable)
 
 
