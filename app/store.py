@@ -428,8 +428,8 @@ class CaseStore:
             where.append("(note LIKE ? ESCAPE '\\' OR filename LIKE ? ESCAPE '\\')")
             pattern = f"%{_like_escape(query.strip())}%"
             args += [pattern, pattern]
-        if top_class:
-            where.append("top_class = ?")
+        if top_class:   # a held-back case has no class to show, so none to be found by
+            where.append("top_class = ? AND NOT (unusual = 1 AND analysed_anyway = '')")
             args.append(top_class)
         if date_from:
             where.append("created >= ?")

@@ -336,6 +336,7 @@ def held_back_everywhere(ctx, case, p):
     from app.chat import open_case_in_chat
     from app.history import case_details, export_history, history_table
     from model.errors import UserError
+    assert case.id not in [c.id for c in ctx.store.list_cases(top_class=case.top_class)]   # not found by class
     row = next(r for r in history_table(ctx, ctx.store.list_cases()) if r[0] == case.id)
     assert row[4:7] == ["held back", "", ""] and row[7].startswith("held back: unlike a dermoscopic lesion")
     _, details = case_details(ctx, case.id, "")
